@@ -1,0 +1,1371 @@
+/*
+ * cache.c - the cache object: validation, lookup, allocation with
+ * eviction, batch lifecycle, append/read dispatch and counters.
+ *
+ * Locking: one mutex per cache guards every structure below; entry points
+ * take it, static helpers assume it is held.
+ *
+ * Error discipline: every entry point that changes state validates and
+ * reserves everything it needs first (pages, a metadata block) and only
+ * then mutates, so a failed call leaves the cache exactly as it was.
+ */
+#include "cache.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_rt.h"
+#include "page_pool.h"
+#include "token_filter.h"
+#include "user_index.h"
+
+#define DEFAULT_OPEN_BATCHES 8
+#define MAX_OPEN_BATCHES 1024
+
+enum { BATCH_OPEN = 1, BATCH_COMMITTED = 2, BATCH_CLOSED = 3 };
+
+struct hkv_batch {
+    hkv_cache *cache;
+    hkv_buffer *host;        /* int32 metadata fields (pinned on CUDA)     */
+    hkv_buffer *device;      /* device copy on CUDA, NULL on CPU           */
+    void *event;             /* CUDA: recorded when the batch is freed     */
+    int device_index;        /* of the event and buffers                   */
+    void *stream;            /* stream the batch's work was queued on      */
+    int32_t *user_slots;     /* [max_batch_size]; -1 for an empty history  */
+    uint8_t *fills;          /* [max_batch_size]; 1 if this batch writes    */
+    uint8_t *layer_done;     /* [num_layers]                               */
+    int32_t layers_left;
+    int32_t batch_size;
+    int64_t total_pages;
+    int64_t total_tokens;
+    int64_t new_tokens;
+    int64_t num_rows;
+    int32_t has_candidates;
+    int32_t state;
+    int32_t in_use;          /* handed out and not yet freed               */
+    int32_t event_pending;   /* event recorded at free, not yet seen done   */
+};
+
+struct hkv_cache {
+    hkv_config cfg;
+    pthread_mutex_t lock;
+    hkv_table_desc table;
+    hkv_buffer *table_buf;
+    hkv_page_pool pool;
+    hkv_user_index users;
+    hkv_token_filter filter;
+    hkv_stats stats;
+    int64_t pinned_pages;            /* pages of users with pins > 0       */
+    int64_t meta_offsets[HKV_META_NUM_FIELDS];
+    int64_t meta_words;              /* int32 words of one metadata block  */
+    int64_t max_batch_pages;
+    hkv_batch **blocks;
+    int32_t num_blocks;
+    int32_t max_blocks;
+    /* per-call scratch, sized for max_batch_size */
+    int64_t *dup_ids;
+    uint32_t *dup_stamp;
+    uint32_t dup_mask;
+    uint32_t stamp;
+    int32_t *scratch_slot;
+    int64_t *scratch_keep;
+    int64_t *scratch_need;
+    uint8_t *scratch_trunc;
+};
+
+/* ------------------------------------------------------------------ */
+/* small helpers                                                       */
+
+static int is_cuda(const hkv_cache *c)
+{
+    return c->cfg.device_kind == HKV_DEVICE_CUDA;
+}
+
+static int32_t *meta_field(const hkv_cache *c, int32_t *base, int field)
+{
+    return base + c->meta_offsets[field];
+}
+
+/* Pages a user keeps for `tokens` tokens. */
+static int64_t pages_for(const hkv_cache *c, int64_t tokens)
+{
+    return hkv_div_up(tokens, c->cfg.page_size);
+}
+
+/* Free the user's tail pages until `keep` remain.  Keeps the pinned-page
+ * count right for pinned users. */
+static void drop_tail_pages(hkv_cache *c, hkv_user *u, int64_t keep)
+{
+    while (u->num_pages > keep) {
+        int32_t page = hkv_user_pop_page(&c->pool, u);
+        hkv_page_release(&c->pool, page);
+        if (u->pins > 0)
+            c->pinned_pages--;
+    }
+}
+
+/*
+ * Take one page from the least recently used user that is not pinned,
+ * tail first so the user keeps a usable prefix.  Returns 0 if nothing can
+ * be evicted.
+ */
+static int evict_one_page(hkv_cache *c)
+{
+    hkv_user_index *ix = &c->users;
+    for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
+         slot = ix->users[slot].lru_next) {
+        hkv_user *u = &ix->users[slot];
+        if (u->pins > 0 || u->num_pages == 0)
+            continue;
+        if (c->pool.pages[u->tail_page].pins > 0)
+            continue;  /* a transfer uses the tail: tail-first forbids more */
+        int32_t page = hkv_user_pop_page(&c->pool, u);
+        hkv_page_release(&c->pool, page);
+        c->stats.pages_evicted++;
+        int64_t keep_tokens = (int64_t)u->num_pages * c->cfg.page_size;
+        if (u->length > keep_tokens)
+            u->length = keep_tokens;
+        if (u->reserved > keep_tokens)
+            u->reserved = keep_tokens;
+        hkv_user_new_epoch(ix, u);
+        if (u->num_pages == 0) {
+            hkv_user_remove(ix, slot);
+            c->stats.users_evicted++;
+        }
+        return 1;
+    }
+    return 0;
+}
+
+/*
+ * Validate a batch description shared by lookup and allocate: size, lengths,
+ * duplicate ids and token keys.
+ */
+static hkv_status check_batch(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                              const int64_t *lengths, const int64_t *keys,
+                              int64_t num_keys)
+{
+    const hkv_config *cfg = &c->cfg;
+    if (batch < 0)
+        return hkv_error(HKV_EINVAL, "batch size %d is negative", (int)batch);
+    if (batch > cfg->max_batch_size)
+        return hkv_error(HKV_EINVAL,
+                         "batch of %d users is larger than max_batch_size=%d; "
+                         "split the batch or raise max_batch_size",
+                         (int)batch, (int)cfg->max_batch_size);
+    int64_t total = 0;
+    for (int32_t b = 0; b < batch; b++) {
+        if (lengths[b] < 0)
+            return hkv_error(HKV_EINVAL, "history length of user %lld (index %d) "
+                             "is negative: %lld", (long long)user_ids[b], (int)b,
+                             (long long)lengths[b]);
+        if (lengths[b] > cfg->max_seq_len)
+            return hkv_error(HKV_EINVAL, "history length %lld of user %lld (index "
+                             "%d) exceeds max_seq_len=%lld", (long long)lengths[b],
+                             (long long)user_ids[b], (int)b,
+                             (long long)cfg->max_seq_len);
+        total += lengths[b];
+    }
+    /* duplicates: an open-addressing set stamped per call, no clearing */
+    if (++c->stamp == 0) {
+        memset(c->dup_stamp, 0, (size_t)(c->dup_mask + 1) * sizeof *c->dup_stamp);
+        c->stamp = 1;
+    }
+    for (int32_t b = 0; b < batch; b++) {
+        uint64_t h = (uint64_t)user_ids[b] * 0x9e3779b97f4a7c15ULL;
+        uint32_t i = (uint32_t)(h >> 32) & c->dup_mask;
+        while (c->dup_stamp[i] == c->stamp) {
+            if (c->dup_ids[i] == user_ids[b])
+                return hkv_error(HKV_EINVAL, "user id %lld appears more than once "
+                                 "in the batch; each user may appear once",
+                                 (long long)user_ids[b]);
+            i = (i + 1) & c->dup_mask;
+        }
+        c->dup_stamp[i] = c->stamp;
+        c->dup_ids[i] = user_ids[b];
+    }
+    if (cfg->verify_tokens) {
+        if (keys == NULL)
+            return hkv_error(HKV_EINVAL, "the cache is in verified mode: pass "
+                             "token_keys, one key per history token");
+        if (num_keys != total)
+            return hkv_error(HKV_EINVAL, "token_keys has %lld keys but the "
+                             "histories hold %lld tokens", (long long)num_keys,
+                             (long long)total);
+    } else if (keys != NULL) {
+        return hkv_error(HKV_EINVAL, "token_keys were given but the cache is in "
+                         "trust mode; create it with verify_tokens=True to use them");
+    }
+    return HKV_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* metadata blocks                                                     */
+
+static void block_destroy(hkv_batch *b)
+{
+    if (b->event != NULL) {
+        if (b->event_pending)
+            (void)hkv_cuda_event_sync(b->device_index, b->event);
+        (void)hkv_cuda_event_destroy(b->device_index, b->event);
+    }
+    hkv_buffer_unref(b->host);
+    hkv_buffer_unref(b->device);
+    free(b->user_slots);
+    free(b->fills);
+    free(b->layer_done);
+    free(b);
+}
+
+static hkv_status block_create(hkv_cache *c, hkv_batch **out)
+{
+    const hkv_config *cfg = &c->cfg;
+    hkv_batch *b = calloc(1, sizeof *b);
+    if (b == NULL)
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    b->cache = c;
+    b->device_index = cfg->device_index;
+    b->user_slots = malloc((size_t)cfg->max_batch_size * sizeof *b->user_slots + 1);
+    b->fills = malloc((size_t)cfg->max_batch_size + 1);
+    b->layer_done = malloc((size_t)cfg->num_layers);
+    if (b->user_slots == NULL || b->fills == NULL || b->layer_done == NULL) {
+        block_destroy(b);
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    }
+    size_t bytes = (size_t)c->meta_words * sizeof(int32_t);
+    hkv_status st = hkv_buffer_new(is_cuda(c) ? HKV_MEM_PINNED : HKV_MEM_HOST,
+                                   cfg->device_index, bytes, &b->host);
+    if (st == HKV_OK && is_cuda(c))
+        st = hkv_buffer_new(HKV_MEM_DEVICE, cfg->device_index, bytes, &b->device);
+    if (st == HKV_OK && is_cuda(c))
+        st = hkv_cuda_event_create(cfg->device_index, &b->event);
+    if (st != HKV_OK) {
+        block_destroy(b);
+        return st;
+    }
+    /* The zeros field never changes. */
+    int32_t *m = b->host->ptr;
+    memset(meta_field(c, m, HKV_META_ZEROS), 0,
+           (size_t)cfg->max_batch_size * sizeof(int32_t));
+    *out = b;
+    return HKV_OK;
+}
+
+/*
+ * A free block whose last stream work has finished; a new one while under
+ * the limit; else wait for the oldest pending one.  HKV_EBUSY when every
+ * block belongs to a batch that was not freed.
+ */
+static hkv_status block_acquire(hkv_cache *c, hkv_batch **out)
+{
+    hkv_batch *pending = NULL;
+    for (int32_t i = 0; i < c->num_blocks; i++) {
+        hkv_batch *b = c->blocks[i];
+        if (b->in_use)
+            continue;
+        /* Exported metadata tensors still view this block: keep it. */
+        if (atomic_load(&b->host->refs) > 1 ||
+            (b->device != NULL && atomic_load(&b->device->refs) > 1))
+            continue;
+        if (b->event_pending) {
+            int done = 0;
+            hkv_status st = hkv_cuda_event_query(c->cfg.device_index, b->event, &done);
+            if (st != HKV_OK)
+                return st;
+            if (!done) {
+                if (pending == NULL)
+                    pending = b;
+                continue;
+            }
+            b->event_pending = 0;
+        }
+        *out = b;
+        return HKV_OK;
+    }
+    if (c->num_blocks < c->max_blocks) {
+        hkv_batch *b = NULL;
+        hkv_status st = block_create(c, &b);
+        if (st != HKV_OK)
+            return st;
+        c->blocks[c->num_blocks++] = b;
+        *out = b;
+        return HKV_OK;
+    }
+    if (pending != NULL) {
+        hkv_status st = hkv_cuda_event_sync(c->cfg.device_index, pending->event);
+        if (st != HKV_OK)
+            return st;
+        pending->event_pending = 0;
+        *out = pending;
+        return HKV_OK;
+    }
+    return hkv_error(HKV_EBUSY, "all %d batch slots belong to batches that are "
+                     "still referenced (the batch or its metadata tensors); "
+                     "drop finished batches or raise max_open_batches",
+                     (int)c->max_blocks);
+}
+
+/* ------------------------------------------------------------------ */
+/* create / destroy                                                    */
+
+static hkv_status check_config(const hkv_config *cfg)
+{
+    if (cfg->num_layers < 1 || cfg->num_layers > 1024)
+        return hkv_error(HKV_EINVAL, "num_layers must be in 1..1024, got %d",
+                         (int)cfg->num_layers);
+    if (cfg->num_heads < 1 || cfg->head_dim < 1)
+        return hkv_error(HKV_EINVAL, "num_heads and head_dim must be positive");
+    if (cfg->page_size < 2 || cfg->page_size > 256 ||
+        (cfg->page_size & (cfg->page_size - 1)) != 0)
+        return hkv_error(HKV_EINVAL, "page_size must be a power of two in 2..256, "
+                         "got %d", (int)cfg->page_size);
+    if (cfg->num_pages < 1)
+        return hkv_error(HKV_EINVAL, "num_pages must be positive, got %d",
+                         (int)cfg->num_pages);
+    int ok_dtype = (cfg->dtype_code == 2 && (cfg->dtype_bits == 16 ||
+                                             cfg->dtype_bits == 32)) ||
+                   (cfg->dtype_code == 4 && cfg->dtype_bits == 16);
+    if (!ok_dtype)
+        return hkv_error(HKV_EINVAL, "dtype must be float32, float16 or bfloat16");
+    if (cfg->device_kind != HKV_DEVICE_CPU && cfg->device_kind != HKV_DEVICE_CUDA)
+        return hkv_error(HKV_EINVAL, "device must be cpu or cuda");
+    if (cfg->max_batch_size < 1 || cfg->max_batch_size > (1 << 20))
+        return hkv_error(HKV_EINVAL, "max_batch_size must be in 1..1048576, got %d",
+                         (int)cfg->max_batch_size);
+    if (cfg->max_seq_len < 1 || cfg->max_seq_len > (1LL << 30))
+        return hkv_error(HKV_EINVAL, "max_seq_len must be in 1..2^30, got %lld",
+                         (long long)cfg->max_seq_len);
+    if (cfg->max_batch_tokens < 0)
+        return hkv_error(HKV_EINVAL, "max_batch_tokens must not be negative");
+    if (cfg->max_open_batches < 0 || cfg->max_open_batches > MAX_OPEN_BATCHES)
+        return hkv_error(HKV_EINVAL, "max_open_batches must be in 0..%d",
+                         MAX_OPEN_BATCHES);
+    return HKV_OK;
+}
+
+hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
+{
+    *out = NULL;
+    hkv_status st = check_config(cfg_in);
+    if (st != HKV_OK)
+        return st;
+    hkv_config cfg = *cfg_in;
+    if (cfg.max_open_batches == 0)
+        cfg.max_open_batches = DEFAULT_OPEN_BATCHES;
+    int64_t max_tokens = (int64_t)cfg.max_batch_size * cfg.max_seq_len;
+    if (cfg.max_batch_tokens == 0 || cfg.max_batch_tokens > max_tokens)
+        cfg.max_batch_tokens = max_tokens;
+    int64_t max_pages = (int64_t)cfg.max_batch_size *
+                        hkv_div_up(cfg.max_seq_len, cfg.page_size);
+    if (cfg.max_batch_tokens > INT32_MAX / 2 || max_pages > INT32_MAX / 2)
+        return hkv_error(HKV_EINVAL, "max_batch_size x max_seq_len is too large "
+                         "for int32 metadata; set max_batch_tokens lower");
+    if (cfg.device_kind == HKV_DEVICE_CUDA) {
+        int count = 0;
+        st = hkv_cuda_device_count(&count);
+        if (st != HKV_OK)
+            return st;
+        if (!hkv_cuda_built())
+            return hkv_error(HKV_ENODEV, "this build of hstu_kvcache has no CUDA "
+                             "support; use device='cpu' or reinstall with nvcc");
+        if (cfg.device_index < 0 || cfg.device_index >= count)
+            return hkv_error(HKV_ENODEV, "CUDA device %d not available (%d "
+                             "device(s) found)", (int)cfg.device_index, count);
+    }
+
+    hkv_cache *c = calloc(1, sizeof *c);
+    if (c == NULL)
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    c->cfg = cfg;
+    c->max_batch_pages = max_pages;
+    c->max_blocks = cfg.max_open_batches;
+    if (pthread_mutex_init(&c->lock, NULL) != 0) {
+        free(c);
+        return hkv_error(HKV_ENOMEM, "cannot create a mutex");
+    }
+
+    /* Metadata block layout: small per-user fields first, so one upload
+     * of a prefix carries them and kv_indices; each field 16-byte aligned. */
+    int64_t bsz = cfg.max_batch_size;
+    int64_t sizes[HKV_META_NUM_FIELDS] = {
+        [HKV_META_KV_INDPTR] = bsz + 1,
+        [HKV_META_KV_LAST_PAGE_LEN] = bsz,
+        [HKV_META_TOTAL_LENGTHS] = bsz,
+        [HKV_META_TOTAL_OFFSETS] = bsz + 1,
+        [HKV_META_CACHED_LENGTHS] = bsz,
+        [HKV_META_NEW_LENGTHS] = bsz,
+        [HKV_META_NEW_OFFSETS] = bsz + 1,
+        [HKV_META_ROW_OFFSETS] = bsz + 1,
+        [HKV_META_ZEROS] = bsz,
+        [HKV_META_KV_INDICES] = max_pages,
+        [HKV_META_BATCH_INDICES] = cfg.max_batch_tokens,
+        [HKV_META_POSITIONS] = cfg.max_batch_tokens,
+    };
+    int64_t off = 0;
+    for (int f = 0; f < HKV_META_NUM_FIELDS; f++) {
+        c->meta_offsets[f] = off;
+        off += (sizes[f] + 3) / 4 * 4;
+    }
+    c->meta_words = off;
+
+    c->table.num_layers = cfg.num_layers;
+    c->table.num_pages = cfg.num_pages;
+    c->table.page_size = cfg.page_size;
+    c->table.row_bytes = (int64_t)cfg.num_heads * cfg.head_dim * (cfg.dtype_bits / 8);
+    size_t table_bytes = (size_t)cfg.num_layers * (size_t)hkv_layer_bytes(&c->table);
+
+    uint32_t dup_size = 16;
+    while (dup_size < 2u * (uint32_t)cfg.max_batch_size)
+        dup_size <<= 1;
+    c->dup_mask = dup_size - 1;
+    c->dup_ids = malloc(dup_size * sizeof *c->dup_ids);
+    c->dup_stamp = calloc(dup_size, sizeof *c->dup_stamp);
+    c->scratch_slot = malloc((size_t)bsz * sizeof *c->scratch_slot);
+    c->scratch_keep = malloc((size_t)bsz * sizeof *c->scratch_keep);
+    c->scratch_need = malloc((size_t)bsz * sizeof *c->scratch_need);
+    c->scratch_trunc = malloc((size_t)bsz);
+    c->blocks = calloc((size_t)c->max_blocks, sizeof *c->blocks);
+    if (c->dup_ids == NULL || c->dup_stamp == NULL || c->scratch_slot == NULL ||
+        c->scratch_keep == NULL || c->scratch_need == NULL ||
+        c->scratch_trunc == NULL || c->blocks == NULL) {
+        st = hkv_error(HKV_ENOMEM, "out of host memory");
+        goto fail;
+    }
+    st = hkv_page_pool_init(&c->pool, cfg.num_pages);
+    if (st == HKV_OK)
+        st = hkv_user_index_init(&c->users, cfg.num_pages + cfg.max_batch_size);
+    if (st == HKV_OK)
+        st = hkv_token_filter_init(&c->filter, cfg.num_pages, cfg.page_size,
+                                   cfg.verify_tokens);
+    if (st == HKV_OK)
+        st = hkv_buffer_new(is_cuda(c) ? HKV_MEM_DEVICE : HKV_MEM_HOST,
+                            cfg.device_index, table_bytes, &c->table_buf);
+    if (st != HKV_OK)
+        goto fail;
+    c->table.base = c->table_buf->ptr;
+    c->stats.pages_total = cfg.num_pages;
+    *out = c;
+    return HKV_OK;
+
+fail:
+    hkv_cache_destroy(c);
+    return st;
+}
+
+void hkv_cache_destroy(hkv_cache *c)
+{
+    if (c == NULL)
+        return;
+    for (int32_t i = 0; i < c->num_blocks; i++) {
+        hkv_batch *b = c->blocks[i];
+        if (b->in_use) {
+            b->cache = NULL;  /* abandoned: hkv_batch_free releases it alone */
+            continue;
+        }
+        block_destroy(b);
+    }
+    free(c->blocks);
+    hkv_buffer_unref(c->table_buf);
+    hkv_token_filter_free_all(&c->filter);
+    hkv_user_index_free_all(&c->users);
+    hkv_page_pool_free_all(&c->pool);
+    free(c->dup_ids);
+    free(c->dup_stamp);
+    free(c->scratch_slot);
+    free(c->scratch_keep);
+    free(c->scratch_need);
+    free(c->scratch_trunc);
+    pthread_mutex_destroy(&c->lock);
+    free(c);
+}
+
+const hkv_config *hkv_cache_config(const hkv_cache *c)
+{
+    return &c->cfg;
+}
+
+hkv_buffer *hkv_cache_table(hkv_cache *c)
+{
+    hkv_buffer_ref(c->table_buf);
+    return c->table_buf;
+}
+
+const int64_t *hkv_cache_meta_offsets(const hkv_cache *c)
+{
+    return c->meta_offsets;
+}
+
+/* ------------------------------------------------------------------ */
+/* lookup                                                              */
+
+/* Cached prefix of one user: committed tokens, limited by the request's
+ * history and, in verified mode, by the keys. */
+static int64_t cached_prefix(hkv_cache *c, const hkv_user *u, int64_t length,
+                             const int64_t *keys)
+{
+    int64_t n = u->length < length ? u->length : length;
+    if (c->cfg.verify_tokens && n > 0)
+        n = hkv_filter_match(&c->filter, &c->pool, u, keys, n);
+    return n;
+}
+
+hkv_status hkv_cache_lookup(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                            const int64_t *history_lengths,
+                            const int64_t *token_keys, int64_t num_keys,
+                            int64_t *cached_lengths, uint64_t *epochs)
+{
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = check_batch(c, batch, user_ids, history_lengths, token_keys,
+                                num_keys);
+    if (st != HKV_OK)
+        goto out;
+    int64_t key_off = 0;
+    uint64_t hit = 0, missed = 0;
+    for (int32_t b = 0; b < batch; b++) {
+        int32_t slot = hkv_user_find(&c->users, user_ids[b]);
+        int64_t cached = 0;
+        uint64_t epoch = 0;
+        if (slot != HKV_NO_USER) {
+            const hkv_user *u = &c->users.users[slot];
+            cached = cached_prefix(c, u, history_lengths[b],
+                                   token_keys ? token_keys + key_off : NULL);
+            epoch = u->epoch;
+        }
+        cached_lengths[b] = cached;
+        if (epochs != NULL)
+            epochs[b] = epoch;
+        hit += (uint64_t)cached;
+        missed += (uint64_t)(history_lengths[b] - cached);
+        key_off += history_lengths[b];
+    }
+    c->stats.lookups++;
+    c->stats.lookup_users += (uint64_t)batch;
+    c->stats.hit_tokens += hit;
+    c->stats.missed_tokens += missed;
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+/* ------------------------------------------------------------------ */
+/* allocate                                                            */
+
+/* Fill the host metadata of batch b (users already hold their pages). */
+static void build_metadata(hkv_cache *c, hkv_batch *bt, const int64_t *lengths,
+                           const int64_t *cached, const int64_t *num_candidates)
+{
+    int32_t *m = bt->host->ptr;
+    int32_t *indptr = meta_field(c, m, HKV_META_KV_INDPTR);
+    int32_t *last_len = meta_field(c, m, HKV_META_KV_LAST_PAGE_LEN);
+    int32_t *tot_len = meta_field(c, m, HKV_META_TOTAL_LENGTHS);
+    int32_t *tot_off = meta_field(c, m, HKV_META_TOTAL_OFFSETS);
+    int32_t *cached_len = meta_field(c, m, HKV_META_CACHED_LENGTHS);
+    int32_t *new_len = meta_field(c, m, HKV_META_NEW_LENGTHS);
+    int32_t *new_off = meta_field(c, m, HKV_META_NEW_OFFSETS);
+    int32_t *row_off = meta_field(c, m, HKV_META_ROW_OFFSETS);
+    int32_t *indices = meta_field(c, m, HKV_META_KV_INDICES);
+    const int32_t ps = c->cfg.page_size;
+
+    indptr[0] = tot_off[0] = new_off[0] = row_off[0] = 0;
+    int32_t np = 0;
+    for (int32_t b = 0; b < bt->batch_size; b++) {
+        int32_t len = (int32_t)lengths[b];
+        int32_t cl = (int32_t)cached[b];
+        int32_t pages = (int32_t)pages_for(c, len);
+        int32_t slot = bt->user_slots[b];
+        int32_t page = slot == HKV_NO_USER ? HKV_NO_PAGE
+                                           : c->users.users[slot].head_page;
+        for (int32_t i = 0; i < pages; i++) {
+            indices[np++] = page;
+            page = c->pool.pages[page].next;
+        }
+        indptr[b + 1] = np;
+        last_len[b] = len == 0 ? 0 : len - (pages - 1) * ps;
+        tot_len[b] = len;
+        tot_off[b + 1] = tot_off[b] + len;
+        cached_len[b] = cl;
+        new_len[b] = len - cl;
+        new_off[b + 1] = new_off[b] + (len - cl);
+        row_off[b + 1] = row_off[b] + (len - cl) +
+                         (num_candidates ? (int32_t)num_candidates[b] : 0);
+    }
+    bt->total_pages = np;
+    bt->total_tokens = tot_off[bt->batch_size];
+    bt->new_tokens = new_off[bt->batch_size];
+    bt->num_rows = row_off[bt->batch_size];
+}
+
+/* Upload the metadata (CUDA) and compute per-token fields. */
+static hkv_status publish_metadata(hkv_cache *c, hkv_batch *bt, void *stream)
+{
+    int32_t *host = bt->host->ptr;
+    hkv_token_meta_args tm;
+    if (!is_cuda(c)) {
+        tm.new_offsets = meta_field(c, host, HKV_META_NEW_OFFSETS);
+        tm.cached_lengths = meta_field(c, host, HKV_META_CACHED_LENGTHS);
+        tm.batch = bt->batch_size;
+        tm.nnz = bt->new_tokens;
+        tm.batch_indices = meta_field(c, host, HKV_META_BATCH_INDICES);
+        tm.positions = meta_field(c, host, HKV_META_POSITIONS);
+        hkv_cpu_token_meta(&tm);
+        return HKV_OK;
+    }
+    int32_t *dev = bt->device->ptr;
+    size_t words = (size_t)(c->meta_offsets[HKV_META_KV_INDICES] + bt->total_pages);
+    hkv_status st = hkv_cuda_memcpy_async(c->cfg.device_index, dev, host,
+                                          words * sizeof(int32_t), stream);
+    if (st != HKV_OK)
+        return st;
+    tm.new_offsets = meta_field(c, dev, HKV_META_NEW_OFFSETS);
+    tm.cached_lengths = meta_field(c, dev, HKV_META_CACHED_LENGTHS);
+    tm.batch = bt->batch_size;
+    tm.nnz = bt->new_tokens;
+    tm.batch_indices = meta_field(c, dev, HKV_META_BATCH_INDICES);
+    tm.positions = meta_field(c, dev, HKV_META_POSITIONS);
+    return hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
+}
+
+static void commit_batch(hkv_cache *c, hkv_batch *bt)
+{
+    for (int32_t b = 0; b < bt->batch_size; b++) {
+        if (!bt->fills[b])
+            continue;
+        hkv_user *u = &c->users.users[bt->user_slots[b]];
+        u->length = u->reserved;
+        u->filling = 0;
+        bt->fills[b] = 0;
+    }
+    bt->state = BATCH_COMMITTED;
+    c->stats.batches_committed++;
+}
+
+hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                              const int64_t *history_lengths,
+                              const int64_t *cached_lengths, const uint64_t *epochs,
+                              const int64_t *token_keys, int64_t num_keys,
+                              const int64_t *num_candidates, void *stream,
+                              hkv_batch **out)
+{
+    *out = NULL;
+    if (cached_lengths == NULL || epochs == NULL)
+        return hkv_error(HKV_EINVAL, "allocate needs the cached lengths and "
+                         "epochs of a lookup");
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = check_batch(c, batch, user_ids, history_lengths, token_keys,
+                                num_keys);
+    if (st != HKV_OK)
+        goto out;
+
+    /* Pass 1: check every user and count pages, changing nothing. */
+    int64_t need = 0, freed = 0, unpinned_kept = 0, new_tokens = 0, rows = 0;
+    for (int32_t b = 0; b < batch; b++) {
+        int64_t len = history_lengths[b], cl = cached_lengths[b];
+        if (cl < 0 || cl > len) {
+            st = hkv_error(HKV_EINVAL, "cached length %lld of user %lld is outside "
+                           "0..%lld", (long long)cl, (long long)user_ids[b],
+                           (long long)len);
+            goto out;
+        }
+        if (num_candidates != NULL && (num_candidates[b] < 0 ||
+                                       num_candidates[b] > c->cfg.max_seq_len)) {
+            st = hkv_error(HKV_EINVAL, "num_candidates of user %lld is %lld; it must "
+                           "be in 0..max_seq_len", (long long)user_ids[b],
+                           (long long)num_candidates[b]);
+            goto out;
+        }
+        int32_t slot = hkv_user_find(&c->users, user_ids[b]);
+        hkv_user *u = slot == HKV_NO_USER ? NULL : &c->users.users[slot];
+        uint64_t epoch = u ? u->epoch : 0;
+        if (epoch != epochs[b]) {
+            st = hkv_error(HKV_ESTALE, "the cache entry of user %lld changed since "
+                           "the lookup (evicted or rewritten); look the batch up "
+                           "again", (long long)user_ids[b]);
+            goto out;
+        }
+        if (cl > (u ? u->length : 0)) {
+            st = hkv_error(HKV_EINVAL, "cached length %lld of user %lld is more "
+                           "than the %lld tokens the cache holds",
+                           (long long)cl, (long long)user_ids[b],
+                           (long long)(u ? u->length : 0));
+            goto out;
+        }
+        int64_t n = len - cl;
+        int truncate = u != NULL && n > 0 && u->reserved > cl;
+        if (u != NULL && u->pins > 0) {
+            if (u->filling) {
+                st = hkv_error(HKV_EBUSY, "user %lld is in another batch whose K/V "
+                               "are still being appended; finish that batch first",
+                               (long long)user_ids[b]);
+                goto out;
+            }
+            if (truncate) {
+                st = hkv_error(HKV_EBUSY, "user %lld: this batch would rewrite "
+                               "tokens that another open batch reads; release "
+                               "that batch first", (long long)user_ids[b]);
+                goto out;
+            }
+        }
+        int64_t old_pages = u ? u->num_pages : 0;
+        int64_t keep = n > 0 ? pages_for(c, cl) : old_pages;
+        int64_t target = n > 0 ? pages_for(c, len) : old_pages;
+        c->scratch_slot[b] = slot;
+        c->scratch_keep[b] = keep;
+        c->scratch_need[b] = target - keep;
+        c->scratch_trunc[b] = (uint8_t)truncate;
+        need += target - keep;
+        freed += old_pages - keep;
+        if (u != NULL && u->pins == 0)
+            unpinned_kept += keep;
+        new_tokens += n;
+        rows += n + (num_candidates ? num_candidates[b] : 0);
+    }
+    if (new_tokens > c->cfg.max_batch_tokens) {
+        st = hkv_error(HKV_EINVAL, "the batch has %lld new tokens, more than "
+                       "max_batch_tokens=%lld", (long long)new_tokens,
+                       (long long)c->cfg.max_batch_tokens);
+        goto out;
+    }
+    if (rows > INT32_MAX) {
+        st = hkv_error(HKV_EINVAL, "the batch has more than 2^31 rows");
+        goto out;
+    }
+    int64_t evictable = hkv_page_pool_used(&c->pool) - c->pinned_pages -
+                        unpinned_kept - freed;
+    int64_t available = c->pool.num_free + freed + evictable;
+    if (need > available) {
+        st = hkv_error(HKV_EFULL, "the batch needs %lld new pages but only %lld "
+                       "can be freed (pool of %d pages, %lld held by open "
+                       "batches); raise num_pages or split the batch",
+                       (long long)need, (long long)available,
+                       (int)c->cfg.num_pages, (long long)c->pinned_pages);
+        goto out;
+    }
+    hkv_batch *bt = NULL;
+    st = block_acquire(c, &bt);
+    if (st != HKV_OK)
+        goto out;
+
+    /* Pass 2: pin every user first, so evicting for one user never takes
+     * pages of another user of the same batch; drop rewritten tails. */
+    for (int32_t b = 0; b < batch; b++) {
+        int32_t slot = c->scratch_slot[b];
+        if (slot == HKV_NO_USER) {
+            if (history_lengths[b] == 0) {
+                bt->user_slots[b] = HKV_NO_USER;
+                continue;
+            }
+            slot = hkv_user_find_or_add(&c->users, user_ids[b]);
+            /* capacity is num_pages + max_batch_size slots: cannot fail */
+        }
+        hkv_user *u = &c->users.users[slot];
+        bt->user_slots[b] = slot;
+        if (u->pins++ == 0)
+            c->pinned_pages += u->num_pages;
+        hkv_user_touch(&c->users, slot);
+        if (c->scratch_trunc[b]) {
+            int64_t before = u->num_pages;
+            drop_tail_pages(c, u, c->scratch_keep[b]);
+            c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+            if (u->length > cached_lengths[b])
+                hkv_user_new_epoch(&c->users, u);
+            u->length = u->reserved = cached_lengths[b];
+        }
+    }
+    /* Pass 3: pages for the new tokens, evicting as needed. */
+    int64_t key_off = 0;
+    for (int32_t b = 0; b < batch; b++) {
+        int32_t slot = bt->user_slots[b];
+        int64_t n = history_lengths[b] - cached_lengths[b];
+        bt->fills[b] = 0;
+        if (slot != HKV_NO_USER && n > 0) {
+            hkv_user *u = &c->users.users[slot];
+            for (int64_t i = 0; i < c->scratch_need[b]; i++) {
+                int32_t page = hkv_page_alloc(&c->pool, slot);
+                if (page == HKV_NO_PAGE) {
+                    evict_one_page(c);
+                    page = hkv_page_alloc(&c->pool, slot);
+                }
+                hkv_user_push_page(&c->pool, u, page);
+                c->pinned_pages++;
+                c->stats.pages_allocated++;
+            }
+            u->reserved = history_lengths[b];
+            u->filling = 1;
+            bt->fills[b] = 1;
+            if (c->cfg.verify_tokens)
+                hkv_filter_store(&c->filter, &c->pool, u, token_keys + key_off,
+                                 cached_lengths[b], history_lengths[b]);
+        }
+        key_off += history_lengths[b];
+    }
+    bt->batch_size = batch;
+    bt->stream = stream;
+    bt->has_candidates = num_candidates != NULL;
+    bt->in_use = 1;
+    bt->state = BATCH_OPEN;
+    bt->layers_left = c->cfg.num_layers;
+    memset(bt->layer_done, 0, (size_t)c->cfg.num_layers);
+    build_metadata(c, bt, history_lengths, cached_lengths, num_candidates);
+    c->stats.batches_allocated++;
+    c->stats.open_batches++;
+    st = publish_metadata(c, bt, stream);
+    if (st != HKV_OK) {
+        /* Only an asynchronous CUDA failure gets here; the pages are
+         * reserved consistently, so roll the batch back like a close. */
+        pthread_mutex_unlock(&c->lock);
+        hkv_batch_free(bt);
+        return st;
+    }
+    if (bt->new_tokens == 0)
+        commit_batch(c, bt);
+    *out = bt;
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+void hkv_batch_get_info(hkv_batch *b, hkv_batch_info *info)
+{
+    info->batch_size = b->batch_size;
+    info->total_pages = b->total_pages;
+    info->total_tokens = b->total_tokens;
+    info->new_tokens = b->new_tokens;
+    info->num_rows = b->has_candidates ? b->num_rows : b->new_tokens;
+    info->committed = b->state == BATCH_COMMITTED;
+    info->closed = b->state == BATCH_CLOSED;
+    info->host_meta = b->host;
+    info->device_meta = b->device != NULL ? b->device : b->host;
+}
+
+/* ------------------------------------------------------------------ */
+/* append / read                                                       */
+
+static const char *device_name(int32_t kind)
+{
+    return kind == HKV_DEVICE_CPU ? "cpu" : kind == HKV_DEVICE_CUDA ? "cuda"
+                                                                    : "another device";
+}
+
+static hkv_status check_device(const hkv_cache *c, const hkv_tensor *t,
+                               const char *name)
+{
+    if (t->device_kind != c->cfg.device_kind ||
+        (is_cuda(c) && t->device_index != c->cfg.device_index))
+        return hkv_error(HKV_EINVAL, "%s is on %s:%d but the cache is on %s:%d",
+                         name, device_name(t->device_kind), (int)t->device_index,
+                         device_name(c->cfg.device_kind),
+                         (int)c->cfg.device_index);
+    return HKV_OK;
+}
+
+/*
+ * Check a K or V tensor: [layers, rows, H, D], [rows, H, D] or [rows, H*D]
+ * in the cache's dtype and device with contiguous rows; returns its row and
+ * layer strides in bytes.
+ */
+static hkv_status check_rows(const hkv_cache *c, const hkv_tensor *t,
+                             const char *name, int32_t layers, int64_t rows,
+                             int64_t *row_stride, int64_t *layer_stride)
+{
+    const hkv_config *cfg = &c->cfg;
+    hkv_status st = check_device(c, t, name);
+    if (st != HKV_OK)
+        return st;
+    if (t->dtype_code != cfg->dtype_code || t->dtype_bits != cfg->dtype_bits)
+        return hkv_error(HKV_EINVAL, "%s has dtype (code %d, %d bits) but the "
+                         "cache stores %s", name, (int)t->dtype_code,
+                         (int)t->dtype_bits,
+                         cfg->dtype_code == 4 ? "bfloat16"
+                         : cfg->dtype_bits == 16 ? "float16" : "float32");
+    int64_t es = cfg->dtype_bits / 8;
+    int64_t hd = (int64_t)cfg->num_heads * cfg->head_dim;
+    int lead = t->ndim == 4 ? 1 : 0;
+    int ok;
+    if (t->ndim == 4)
+        ok = t->shape[0] == layers && t->shape[2] == cfg->num_heads &&
+             t->shape[3] == cfg->head_dim && t->strides[3] == 1 &&
+             (t->shape[2] == 1 || t->strides[2] == cfg->head_dim);
+    else if (t->ndim == 3)
+        ok = layers == 1 && t->shape[1] == cfg->num_heads &&
+             t->shape[2] == cfg->head_dim && t->strides[2] == 1 &&
+             (t->shape[1] == 1 || t->strides[1] == cfg->head_dim);
+    else if (t->ndim == 2)
+        ok = layers == 1 && t->shape[1] == hd && t->strides[1] == 1;
+    else
+        ok = 0;
+    if (!ok)
+        return hkv_error(HKV_EINVAL, "%s must be [rows, %d, %d] (or [rows, %lld]) "
+                         "for one layer, [%d, rows, %d, %d] for %d layers, with "
+                         "contiguous heads and head_dim",
+                         name, (int)cfg->num_heads, (int)cfg->head_dim,
+                         (long long)hd, (int)layers, (int)cfg->num_heads,
+                         (int)cfg->head_dim, (int)layers);
+    if (t->shape[lead] != rows)
+        return hkv_error(HKV_EINVAL, "%s has %lld rows, expected %lld", name,
+                         (long long)t->shape[lead], (long long)rows);
+    if (rows > 1 && t->strides[lead] < hd)
+        return hkv_error(HKV_EINVAL, "%s rows overlap (row stride %lld < %lld)",
+                         name, (long long)t->strides[lead], (long long)hd);
+    *row_stride = t->strides[lead] * es;
+    *layer_stride = lead ? t->strides[0] * es : 0;
+    return HKV_OK;
+}
+
+static void fill_rows_args(const hkv_cache *c, const hkv_batch *bt,
+                           hkv_rows_args *a, int32_t *meta)
+{
+    a->table = c->table;
+    a->kv_indptr = meta_field(c, meta, HKV_META_KV_INDPTR);
+    a->kv_indices = meta_field(c, meta, HKV_META_KV_INDICES);
+    (void)bt;
+}
+
+hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_layers,
+                            const hkv_tensor *k, const hkv_tensor *v, void *stream)
+{
+    hkv_cache *c = bt->cache;
+    if (c == NULL)
+        return hkv_error(HKV_ESTATE, "the cache of this batch was closed");
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    if (bt->state == BATCH_CLOSED) {
+        st = hkv_error(HKV_ESTATE, "the batch was released; allocate a new one");
+        goto out;
+    }
+    if (num_layers < 1 || first_layer < 0 ||
+        first_layer + num_layers > c->cfg.num_layers) {
+        st = hkv_error(HKV_EINVAL, "layers %d..%d are outside 0..%d",
+                       (int)first_layer, (int)(first_layer + num_layers - 1),
+                       (int)c->cfg.num_layers - 1);
+        goto out;
+    }
+    for (int32_t l = first_layer; l < first_layer + num_layers; l++)
+        if (bt->layer_done[l] || bt->state == BATCH_COMMITTED) {
+            st = hkv_error(HKV_ESTATE, "layer %d of this batch was already "
+                           "appended", (int)l);
+            goto out;
+        }
+    int use_rows = bt->has_candidates && k->ndim > 0 &&
+                   k->shape[k->ndim == 4 ? 1 : 0] == bt->num_rows &&
+                   bt->num_rows != bt->new_tokens;
+    int64_t rows = use_rows ? bt->num_rows : bt->new_tokens;
+    hkv_rows_args a;
+    st = check_rows(c, k, "k", num_layers, rows, &a.k_row_stride, &a.k_layer_stride);
+    if (st == HKV_OK)
+        st = check_rows(c, v, "v", num_layers, rows, &a.v_row_stride,
+                        &a.v_layer_stride);
+    if (st != HKV_OK) {
+        if (bt->has_candidates && bt->num_rows != bt->new_tokens) {
+            char msg[400];
+            snprintf(msg, sizeof msg, "%s", hkv_last_error());
+            st = hkv_error(st, "%s (this batch takes %lld rows of new history "
+                           "tokens, or %lld rows with the candidates)",
+                           msg, (long long)bt->new_tokens,
+                           (long long)bt->num_rows);
+        }
+        goto out;
+    }
+    if (bt->new_tokens > 0) {
+        int32_t *meta = is_cuda(c) ? bt->device->ptr : bt->host->ptr;
+        fill_rows_args(c, bt, &a, meta);
+        a.first_layer = first_layer;
+        a.num_layers = num_layers;
+        a.k = k->data;
+        a.v = v->data;
+        a.batch_indices = meta_field(c, meta, HKV_META_BATCH_INDICES);
+        a.positions = meta_field(c, meta, HKV_META_POSITIONS);
+        a.token_offsets = meta_field(c, meta, HKV_META_NEW_OFFSETS);
+        a.row_offsets = meta_field(c, meta, use_rows ? HKV_META_ROW_OFFSETS
+                                                     : HKV_META_NEW_OFFSETS);
+        a.nnz = bt->new_tokens;
+        if (is_cuda(c)) {
+            st = hkv_cuda_append(&a, c->cfg.device_index, stream);
+            if (st != HKV_OK)
+                goto out;
+            bt->stream = stream;
+        } else {
+            hkv_cpu_append(&a);
+        }
+    }
+    for (int32_t l = first_layer; l < first_layer + num_layers; l++)
+        bt->layer_done[l] = 1;
+    bt->layers_left -= num_layers;
+    c->stats.tokens_appended += (uint64_t)bt->new_tokens * (uint64_t)num_layers;
+    if (bt->layers_left == 0)
+        commit_batch(c, bt);
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+static hkv_status check_index_tensor(const hkv_cache *c, const hkv_tensor *t,
+                                     const char *name, int64_t n)
+{
+    hkv_status st = check_device(c, t, name);
+    if (st != HKV_OK)
+        return st;
+    if (t->dtype_code != 0 || t->dtype_bits != 32 || t->ndim != 1 ||
+        t->shape[0] < n || (n > 1 && t->strides[0] != 1))
+        return hkv_error(HKV_EINVAL, "%s must be a contiguous int32 vector of at "
+                         "least %lld entries", name, (long long)n);
+    return HKV_OK;
+}
+
+hkv_status hkv_batch_read(hkv_batch *bt, int32_t layer, const hkv_tensor *k,
+                          const hkv_tensor *v, const hkv_tensor *batch_indices,
+                          const hkv_tensor *positions, void *stream)
+{
+    hkv_cache *c = bt->cache;
+    if (c == NULL)
+        return hkv_error(HKV_ESTATE, "the cache of this batch was closed");
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    if (bt->state == BATCH_CLOSED) {
+        st = hkv_error(HKV_ESTATE, "the batch was released; allocate a new one");
+        goto out;
+    }
+    if (layer < 0 || layer >= c->cfg.num_layers) {
+        st = hkv_error(HKV_EINVAL, "layer %d is outside 0..%d", (int)layer,
+                       (int)c->cfg.num_layers - 1);
+        goto out;
+    }
+    hkv_rows_args a;
+    int64_t n = bt->total_tokens;
+    st = check_rows(c, k, "k", 1, n, &a.k_row_stride, &a.k_layer_stride);
+    if (st == HKV_OK)
+        st = check_rows(c, v, "v", 1, n, &a.v_row_stride, &a.v_layer_stride);
+    if (st == HKV_OK)
+        st = check_index_tensor(c, batch_indices, "batch_indices", n);
+    if (st == HKV_OK)
+        st = check_index_tensor(c, positions, "positions", n);
+    if (st != HKV_OK || n == 0)
+        goto out;
+    int32_t *meta = is_cuda(c) ? bt->device->ptr : bt->host->ptr;
+    hkv_token_meta_args tm = {
+        .new_offsets = meta_field(c, meta, HKV_META_TOTAL_OFFSETS),
+        .cached_lengths = meta_field(c, meta, HKV_META_ZEROS),
+        .batch = bt->batch_size,
+        .nnz = n,
+        .batch_indices = batch_indices->data,
+        .positions = positions->data,
+    };
+    fill_rows_args(c, bt, &a, meta);
+    a.first_layer = layer;
+    a.num_layers = 1;
+    a.k = k->data;
+    a.v = v->data;
+    a.batch_indices = batch_indices->data;
+    a.positions = positions->data;
+    a.token_offsets = tm.new_offsets;
+    a.row_offsets = tm.new_offsets;
+    a.nnz = n;
+    if (is_cuda(c)) {
+        st = hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_read(&a, c->cfg.device_index, stream);
+        if (st == HKV_OK)
+            bt->stream = stream;
+    } else {
+        hkv_cpu_token_meta(&tm);
+        hkv_cpu_read(&a);
+    }
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+/* ------------------------------------------------------------------ */
+/* close / free                                                        */
+
+static void close_locked(hkv_cache *c, hkv_batch *bt)
+{
+    if (bt->state == BATCH_CLOSED)
+        return;
+    int aborted = bt->state == BATCH_OPEN;
+    for (int32_t b = 0; b < bt->batch_size; b++) {
+        int32_t slot = bt->user_slots[b];
+        if (slot == HKV_NO_USER)
+            continue;
+        hkv_user *u = &c->users.users[slot];
+        if (bt->fills[b]) {
+            /* roll back: the reserved tokens were never completely written */
+            int64_t before = u->num_pages;
+            drop_tail_pages(c, u, pages_for(c, u->length));
+            c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+            u->reserved = u->length;
+            u->filling = 0;
+            bt->fills[b] = 0;
+        }
+        if (--u->pins == 0) {
+            c->pinned_pages -= u->num_pages;
+            if (u->num_pages == 0)
+                hkv_user_remove(&c->users, slot);
+        }
+    }
+    if (aborted)
+        c->stats.batches_aborted++;
+    bt->state = BATCH_CLOSED;
+    c->stats.open_batches--;
+}
+
+void hkv_batch_close(hkv_batch *bt)
+{
+    hkv_cache *c = bt->cache;
+    if (c == NULL)
+        return;
+    pthread_mutex_lock(&c->lock);
+    close_locked(c, bt);
+    pthread_mutex_unlock(&c->lock);
+}
+
+void hkv_batch_free(hkv_batch *bt)
+{
+    hkv_cache *c = bt->cache;
+    if (c == NULL) {
+        /* The cache is gone; this block was left to us. */
+        block_destroy(bt);
+        return;
+    }
+    pthread_mutex_lock(&c->lock);
+    close_locked(c, bt);
+    if (is_cuda(c)) {
+        /* Work queued on the batch's stream may still read the metadata:
+         * the block is reused only once this event has completed. */
+        if (hkv_cuda_event_record(c->cfg.device_index, bt->event, bt->stream)
+                == HKV_OK)
+            bt->event_pending = 1;
+        else
+            (void)hkv_cuda_stream_sync(c->cfg.device_index, bt->stream);
+    }
+    bt->in_use = 0;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ------------------------------------------------------------------ */
+/* users: read, evict                                                  */
+
+hkv_status hkv_cache_user_length(hkv_cache *c, int64_t user_id, int64_t *length)
+{
+    pthread_mutex_lock(&c->lock);
+    int32_t slot = hkv_user_find(&c->users, user_id);
+    *length = slot == HKV_NO_USER ? 0 : c->users.users[slot].length;
+    pthread_mutex_unlock(&c->lock);
+    return HKV_OK;
+}
+
+hkv_status hkv_cache_read_user(hkv_cache *c, int64_t user_id, int32_t layer,
+                               const hkv_tensor *k, const hkv_tensor *v,
+                               void *stream, int64_t *length)
+{
+    *length = 0;
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    if (layer < 0 || layer >= c->cfg.num_layers) {
+        st = hkv_error(HKV_EINVAL, "layer %d is outside 0..%d", (int)layer,
+                       (int)c->cfg.num_layers - 1);
+        goto out;
+    }
+    int32_t slot = hkv_user_find(&c->users, user_id);
+    int64_t len = slot == HKV_NO_USER ? 0 : c->users.users[slot].length;
+    int64_t ks, vs, kl, vl;
+    int64_t cap = k->ndim > 0 ? k->shape[0] : 0;
+    st = check_rows(c, k, "k", 1, cap, &ks, &kl);
+    if (st == HKV_OK)
+        st = check_rows(c, v, "v", 1, cap, &vs, &vl);
+    if (st != HKV_OK)
+        goto out;
+    int64_t rb = c->table.row_bytes;
+    if (v->shape[0] != cap || (cap > 1 && (ks != rb || vs != rb))) {
+        st = hkv_error(HKV_EINVAL, "k and v must be contiguous with the same rows");
+        goto out;
+    }
+    if (cap < len) {
+        st = hkv_error(HKV_EINVAL, "k and v hold %lld rows but user %lld has %lld "
+                       "cached tokens", (long long)cap, (long long)user_id,
+                       (long long)len);
+        goto out;
+    }
+    const int64_t ps = c->cfg.page_size;
+    char *layer_base = (char *)c->table.base + layer * hkv_layer_bytes(&c->table);
+    int32_t page = slot == HKV_NO_USER ? HKV_NO_PAGE : c->users.users[slot].head_page;
+    for (int64_t done = 0; done < len; page = c->pool.pages[page].next) {
+        int64_t n = len - done < ps ? len - done : ps;
+        const char *src = layer_base + (int64_t)page * hkv_page_bytes(&c->table);
+        const char *srcs[2] = {src, src + ps * rb};
+        char *dsts[2] = {(char *)k->data + done * rb, (char *)v->data + done * rb};
+        for (int i = 0; i < 2; i++) {
+            if (is_cuda(c)) {
+                st = hkv_cuda_memcpy_async(c->cfg.device_index, dsts[i], srcs[i],
+                                           (size_t)(n * rb), stream);
+                if (st != HKV_OK)
+                    goto out;
+            } else {
+                memcpy(dsts[i], srcs[i], (size_t)(n * rb));
+            }
+        }
+        done += n;
+    }
+    *length = len;
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+static void evict_user(hkv_cache *c, int32_t slot)
+{
+    hkv_user *u = &c->users.users[slot];
+    c->stats.pages_dropped += (uint64_t)u->num_pages;
+    drop_tail_pages(c, u, 0);
+    hkv_user_remove(&c->users, slot);
+    c->stats.users_evicted++;
+}
+
+hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids)
+{
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    for (int32_t i = 0; i < count; i++) {
+        int32_t slot = hkv_user_find(&c->users, user_ids[i]);
+        if (slot != HKV_NO_USER && c->users.users[slot].pins > 0) {
+            st = hkv_error(HKV_EBUSY, "user %lld is in an open batch; release the "
+                           "batch before evicting it", (long long)user_ids[i]);
+            goto out;
+        }
+    }
+    for (int32_t i = 0; i < count; i++) {
+        int32_t slot = hkv_user_find(&c->users, user_ids[i]);
+        if (slot != HKV_NO_USER)
+            evict_user(c, slot);
+    }
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+int64_t hkv_cache_evict_all(hkv_cache *c)
+{
+    pthread_mutex_lock(&c->lock);
+    int64_t n = 0;
+    int32_t slot = c->users.lru_head;
+    while (slot != HKV_NO_USER) {
+        int32_t next = c->users.users[slot].lru_next;
+        if (c->users.users[slot].pins == 0) {
+            evict_user(c, slot);
+            n++;
+        }
+        slot = next;
+    }
+    pthread_mutex_unlock(&c->lock);
+    return n;
+}
+
+void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
+{
+    pthread_mutex_lock(&c->lock);
+    c->stats.pages_free = c->pool.num_free;
+    c->stats.pages_used = hkv_page_pool_used(&c->pool);
+    c->stats.pages_pinned = c->pinned_pages;
+    c->stats.users_cached = c->users.count;
+    *out = c->stats;
+    pthread_mutex_unlock(&c->lock);
+}
+
+/* ------------------------------------------------------------------ */
+/* invariants                                                          */
+
+static hkv_status check_locked(hkv_cache *c)
+{
+    const hkv_page_pool *pool = &c->pool;
+    const hkv_user_index *ix = &c->users;
+    int64_t free_count = 0;
+    for (int32_t p = pool->free_head; p != HKV_NO_PAGE; p = pool->pages[p].next) {
+        if (pool->pages[p].owner != -1)
+            return hkv_error(HKV_ESTATE, "free page %d has owner %d", (int)p,
+                             (int)pool->pages[p].owner);
+        if (++free_count > pool->num_pages)
+            return hkv_error(HKV_ESTATE, "free list has a cycle");
+    }
+    if (free_count != pool->num_free)
+        return hkv_error(HKV_ESTATE, "free list holds %lld pages, counter says %d",
+                         (long long)free_count, (int)pool->num_free);
+    int64_t owned = 0, pinned = 0, users = 0, lru = 0;
+    for (int32_t s = 0; s < ix->capacity; s++) {
+        const hkv_user *u = &ix->users[s];
+        if (!u->in_use)
+            continue;
+        users++;
+        if (hkv_user_find(ix, u->id) != s)
+            return hkv_error(HKV_ESTATE, "user %lld not found at its slot",
+                             (long long)u->id);
+        int32_t prev = HKV_NO_PAGE, n = 0;
+        for (int32_t p = u->head_page; p != HKV_NO_PAGE; p = pool->pages[p].next) {
+            if (pool->pages[p].owner != s)
+                return hkv_error(HKV_ESTATE, "page %d of user %lld is owned by "
+                                 "slot %d", (int)p, (long long)u->id,
+                                 (int)pool->pages[p].owner);
+            if (pool->pages[p].prev != prev)
+                return hkv_error(HKV_ESTATE, "page chain of user %lld broken",
+                                 (long long)u->id);
+            prev = p;
+            if (++n > pool->num_pages)
+                return hkv_error(HKV_ESTATE, "page chain of user %lld has a cycle",
+                                 (long long)u->id);
+        }
+        if (prev != u->tail_page || n != u->num_pages)
+            return hkv_error(HKV_ESTATE, "user %lld: %d pages chained, %d counted",
+                             (long long)u->id, (int)n, (int)u->num_pages);
+        if (u->length > u->reserved || u->num_pages != pages_for(c, u->reserved))
+            return hkv_error(HKV_ESTATE, "user %lld: length %lld, reserved %lld, "
+                             "%d pages", (long long)u->id, (long long)u->length,
+                             (long long)u->reserved, (int)u->num_pages);
+        if (u->reserved != u->length && !u->filling)
+            return hkv_error(HKV_ESTATE, "user %lld has reserved tokens but no "
+                             "batch fills them", (long long)u->id);
+        if (u->num_pages == 0 && u->pins == 0)
+            return hkv_error(HKV_ESTATE, "user %lld has no pages and no pins",
+                             (long long)u->id);
+        owned += n;
+        if (u->pins > 0)
+            pinned += n;
+    }
+    if (owned != hkv_page_pool_used(pool))
+        return hkv_error(HKV_ESTATE, "users own %lld pages, %d are in use",
+                         (long long)owned, (int)hkv_page_pool_used(pool));
+    if (pinned != c->pinned_pages)
+        return hkv_error(HKV_ESTATE, "pinned pages %lld, counter says %lld",
+                         (long long)pinned, (long long)c->pinned_pages);
+    if (users != ix->count)
+        return hkv_error(HKV_ESTATE, "%lld users in slots, counter says %d",
+                         (long long)users, (int)ix->count);
+    int32_t prev = HKV_NO_USER;
+    for (int32_t s = ix->lru_head; s != HKV_NO_USER; s = ix->users[s].lru_next) {
+        if (ix->users[s].lru_prev != prev || !ix->users[s].in_use)
+            return hkv_error(HKV_ESTATE, "LRU list broken at slot %d", (int)s);
+        prev = s;
+        if (++lru > users)
+            return hkv_error(HKV_ESTATE, "LRU list has a cycle");
+    }
+    if (lru != users || prev != ix->lru_tail)
+        return hkv_error(HKV_ESTATE, "LRU list holds %lld of %lld users",
+                         (long long)lru, (long long)users);
+    return HKV_OK;
+}
+
+hkv_status hkv_cache_check(hkv_cache *c)
+{
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = check_locked(c);
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
+hkv_status hkv_strip(int32_t device_kind, int32_t device_index,
+                     const hkv_strip_args *a, void *stream)
+{
+    if (device_kind == HKV_DEVICE_CUDA)
+        return hkv_cuda_strip(a, device_index, stream);
+    hkv_cpu_strip(a);
+    return HKV_OK;
+}

@@ -1,0 +1,214 @@
+/*
+ * cache.h - the KV cache: configuration, lookup, allocation of a batch,
+ * append/read of K/V, eviction and counters.
+ *
+ * One hkv_cache owns a page table (GPU or host memory), its page pool, the
+ * per-user index and the token filter.  Every entry point takes the cache's
+ * mutex, so callers may use it from several threads.
+ *
+ * A batch goes through:
+ *   lookup   -> per user, how many leading history tokens are cached;
+ *   allocate -> pins the batch's users, gives pages to the new tokens and
+ *               builds the metadata a paged attention kernel reads;
+ *   append   -> once per layer, writes the new tokens' K/V into the pages;
+ *               when every layer is written the batch commits: its tokens
+ *               count as cached from then on;
+ *   close    -> unpins the users (an uncommitted batch is rolled back);
+ *   free     -> the metadata block goes back to the cache once nothing
+ *               (host or stream) uses it any more.
+ */
+#ifndef HKV_CACHE_H
+#define HKV_CACHE_H
+
+#include <stdint.h>
+
+#include "kernels.h"
+#include "memory.h"
+#include "status.h"
+
+typedef enum hkv_device_kind {
+    HKV_DEVICE_CPU = 0,
+    HKV_DEVICE_CUDA = 1
+} hkv_device_kind;
+
+typedef struct hkv_config {
+    int32_t num_layers;        /* 1..1024                                  */
+    int32_t num_heads;
+    int32_t head_dim;
+    int32_t page_size;         /* power of two, 2..256                     */
+    int32_t num_pages;         /* pages of the GPU (or CPU) tier           */
+    int32_t dtype_code;        /* DLPack code: 2 float, 4 bfloat           */
+    int32_t dtype_bits;        /* 16 or 32 (bfloat: 16)                     */
+    int32_t device_kind;       /* hkv_device_kind                          */
+    int32_t device_index;
+    int32_t max_batch_size;
+    int64_t max_seq_len;       /* longest history accepted                 */
+    int64_t max_batch_tokens;  /* new tokens per batch; 0: batch * seq_len */
+    int32_t verify_tokens;     /* 1: verified mode, 0: trust mode          */
+    int32_t max_open_batches;  /* metadata blocks; 0: default (8)          */
+} hkv_config;
+
+typedef struct hkv_stats {
+    /* counters */
+    uint64_t lookups;            /* lookup calls                            */
+    uint64_t lookup_users;       /* users looked up                         */
+    uint64_t hit_tokens;         /* history tokens found cached             */
+    uint64_t missed_tokens;      /* history tokens that must be computed    */
+    uint64_t batches_allocated;
+    uint64_t batches_committed;
+    uint64_t batches_aborted;    /* closed before every layer was appended  */
+    uint64_t pages_allocated;
+    uint64_t pages_evicted;      /* taken from LRU users to make room       */
+    uint64_t pages_dropped;      /* freed by explicit evict or truncation   */
+    uint64_t users_evicted;      /* users that lost their last page         */
+    uint64_t tokens_appended;    /* per layer group appended                */
+    /* gauges */
+    int64_t pages_total;
+    int64_t pages_free;
+    int64_t pages_used;
+    int64_t pages_pinned;        /* pages of users in open batches          */
+    int64_t users_cached;
+    int64_t open_batches;
+} hkv_stats;
+
+/* A strided tensor as the binding sees it (from DLPack), with strides in
+ * elements.  The core checks it against what an operation needs. */
+typedef struct hkv_tensor {
+    void *data;
+    int32_t device_kind;   /* hkv_device_kind, or -1 for other devices      */
+    int32_t device_index;
+    int32_t dtype_code;    /* DLPack type code: 0 int, 1 uint, 2 float, 4 bfloat */
+    int32_t dtype_bits;
+    int32_t ndim;
+    int64_t shape[6];
+    int64_t strides[6];
+} hkv_tensor;
+
+/* Offsets (in int32 elements) of the metadata fields inside a batch's
+ * metadata block.  Sized for max_batch_size users; the same for every batch
+ * of a cache. */
+enum {
+    HKV_META_KV_INDPTR,
+    HKV_META_KV_LAST_PAGE_LEN,
+    HKV_META_TOTAL_LENGTHS,
+    HKV_META_TOTAL_OFFSETS,
+    HKV_META_CACHED_LENGTHS,
+    HKV_META_NEW_LENGTHS,
+    HKV_META_NEW_OFFSETS,
+    HKV_META_ROW_OFFSETS,
+    HKV_META_ZEROS,
+    HKV_META_KV_INDICES,
+    HKV_META_BATCH_INDICES,
+    HKV_META_POSITIONS,
+    HKV_META_NUM_FIELDS
+};
+
+typedef struct hkv_cache hkv_cache;
+typedef struct hkv_batch hkv_batch;
+
+/* Summary of one batch, for the binding to slice the metadata block. */
+typedef struct hkv_batch_info {
+    int32_t batch_size;
+    int64_t total_pages;      /* entries of kv_indices                     */
+    int64_t total_tokens;     /* history tokens, cached + new              */
+    int64_t new_tokens;       /* new history tokens (nnz)                  */
+    int64_t num_rows;         /* rows append expects with candidates       */
+    int32_t committed;
+    int32_t closed;
+    hkv_buffer *host_meta;    /* int32 block; borrowed                     */
+    hkv_buffer *device_meta;  /* CUDA: device copy; CPU: same as host      */
+} hkv_batch_info;
+
+hkv_status hkv_cache_create(const hkv_config *cfg, hkv_cache **out);
+/* Frees everything not exported; open batches must be freed first or are
+ * abandoned (their memory lives until their last reference). */
+void hkv_cache_destroy(hkv_cache *c);
+
+const hkv_config *hkv_cache_config(const hkv_cache *c);
+/* The whole table, one reference added (caller unrefs). */
+hkv_buffer *hkv_cache_table(hkv_cache *c);
+/* Offsets of the metadata fields, HKV_META_NUM_FIELDS entries. */
+const int64_t *hkv_cache_meta_offsets(const hkv_cache *c);
+
+/*
+ * lookup: for each of `batch` users, the number of leading history tokens
+ * whose K/V are cached.  token_keys (verified mode only, NULL in trust
+ * mode) holds every history token's key, users one after another
+ * (sum(history_lengths) keys).  epochs receive stamps that allocate checks.
+ */
+hkv_status hkv_cache_lookup(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                            const int64_t *history_lengths,
+                            const int64_t *token_keys, int64_t num_keys,
+                            int64_t *cached_lengths, uint64_t *epochs);
+
+/*
+ * allocate: reserve pages for tokens cached_lengths[b] .. history_lengths[b]
+ * of each user and build the batch metadata.  cached_lengths and epochs
+ * come from lookup; if the cache changed under them the call fails with
+ * HKV_ESTALE and changes nothing.  num_candidates (may be NULL) tells append
+ * that the caller's K/V rows hold, after each user's new history tokens,
+ * that many candidate rows to skip.  On CUDA the metadata is uploaded on
+ * `stream` (a cudaStream_t).  On any error the cache is unchanged.
+ */
+hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                              const int64_t *history_lengths,
+                              const int64_t *cached_lengths, const uint64_t *epochs,
+                              const int64_t *token_keys, int64_t num_keys,
+                              const int64_t *num_candidates, void *stream,
+                              hkv_batch **out);
+
+void hkv_batch_get_info(hkv_batch *b, hkv_batch_info *info);
+
+/*
+ * append: write layer(s) [first_layer, first_layer + num_layers) of the new
+ * tokens' K and V.  k and v are [rows, H, D] (or [rows, H*D]) for one layer,
+ * [num_layers, rows, H, D] for several; rows is the batch's new_tokens, or
+ * num_rows when the batch was allocated with candidates.
+ */
+hkv_status hkv_batch_append(hkv_batch *b, int32_t first_layer, int32_t num_layers,
+                            const hkv_tensor *k, const hkv_tensor *v, void *stream);
+
+/*
+ * read: copy every history token (cached and new) of the batch, layer
+ * `layer`, into k and v ([total_tokens, H, D], jagged by total offsets).
+ * batch_indices and positions are int32 scratch tensors of total_tokens
+ * entries on the cache's device.
+ */
+hkv_status hkv_batch_read(hkv_batch *b, int32_t layer, const hkv_tensor *k,
+                          const hkv_tensor *v, const hkv_tensor *batch_indices,
+                          const hkv_tensor *positions, void *stream);
+
+/* Unpin the batch's users; rolls back an uncommitted batch.  Idempotent. */
+void hkv_batch_close(hkv_batch *b);
+/* Close if needed and give the metadata block back; `stream` work that
+ * reads the metadata may still run: the block is reused only after it. */
+void hkv_batch_free(hkv_batch *b);
+
+/* Cached tokens of one user (0 if unknown) and its K/V for `layer` into
+ * k and v ([capacity, H, D] on the cache's device).  *length receives the
+ * number of tokens copied. */
+hkv_status hkv_cache_user_length(hkv_cache *c, int64_t user_id, int64_t *length);
+hkv_status hkv_cache_read_user(hkv_cache *c, int64_t user_id, int32_t layer,
+                               const hkv_tensor *k, const hkv_tensor *v,
+                               void *stream, int64_t *length);
+
+/* Drop users' cached pages.  Users in open batches fail with HKV_EBUSY
+ * (checked for all before any is dropped).  Unknown users are ignored. */
+hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids);
+/* Drop every user not in an open batch; returns the number dropped. */
+int64_t hkv_cache_evict_all(hkv_cache *c);
+
+void hkv_cache_stats(hkv_cache *c, hkv_stats *out);
+
+/*
+ * Invariant check for tests: page ownership, chains, counts, LRU list and
+ * hash table agree.  HKV_OK or HKV_ESTATE with a description.
+ */
+hkv_status hkv_cache_check(hkv_cache *c);
+
+/* Strip cached tokens from a jagged tensor (kernels.h, hkv_strip_args) on
+ * the given device. */
+hkv_status hkv_strip(int32_t device_kind, int32_t device_index,
+                     const hkv_strip_args *a, void *stream);
+
+#endif /* HKV_CACHE_H */

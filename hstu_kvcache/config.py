@@ -1,0 +1,154 @@
+"""Configuration of a KV cache."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Tuple
+
+from .errors import InvalidArgumentError
+
+#: dtype name -> (DLPack type code, bits)
+DTYPES = {
+    "float32": (2, 32),
+    "float16": (2, 16),
+    "bfloat16": (4, 16),
+}
+
+
+def dtype_name(dtype: Any) -> str:
+    """Normalise a dtype given as a string, a torch dtype or a NumPy dtype."""
+    name = str(dtype)
+    for prefix in ("torch.", "<class 'numpy.", "dtype('"):
+        if name.startswith(prefix):
+            name = name[len(prefix):]
+    name = name.rstrip("')>")
+    aliases = {"float": "float32", "half": "float16", "bf16": "bfloat16",
+               "fp32": "float32", "fp16": "float16"}
+    name = aliases.get(name, name)
+    if name not in DTYPES:
+        raise InvalidArgumentError(
+            f"dtype must be float32, float16 or bfloat16, got {dtype!r}")
+    return name
+
+
+def parse_device(device: Any) -> Tuple[str, int]:
+    """('cpu', 0) or ('cuda', index) from 'cpu', 'cuda', 'cuda:1' or a torch.device."""
+    text = str(device).strip().lower()
+    if text == "cpu":
+        return "cpu", 0
+    if text == "cuda":
+        idx = getattr(device, "index", None)
+        return "cuda", int(idx) if idx is not None else 0
+    if text.startswith("cuda:"):
+        try:
+            idx = int(text[5:])
+        except ValueError:
+            idx = -1
+        if idx >= 0:
+            return "cuda", idx
+    raise InvalidArgumentError(
+        f"device must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def _positive_int(name: str, value: Any, low: int = 1, high: Optional[int] = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numbers
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                value = int(value)
+            else:
+                raise TypeError
+        except TypeError:
+            raise InvalidArgumentError(f"{name} must be an integer, got {value!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise InvalidArgumentError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """What a :class:`~hstu_kvcache.KVCache` holds and how much.
+
+    Args:
+        num_layers: HSTU layers whose K/V are cached.
+        num_heads: attention heads per layer.
+        head_dim: dimension of one head's K and V.
+        num_pages: pages of the GPU tier (of host memory on ``device='cpu'``).
+        page_size: tokens per page, a power of two from 2 to 256.
+        dtype: ``'float32'``, ``'float16'`` or ``'bfloat16'`` (torch and NumPy
+            dtypes are accepted too).
+        device: ``'cpu'`` (C loops on host memory) or ``'cuda[:N]'``.
+        max_batch_size: most users in one batch.
+        max_seq_len: longest history a request may carry.
+        max_batch_tokens: most new (uncached) history tokens in one batch;
+            default ``max_batch_size * max_seq_len``.  Sizes the per-batch
+            metadata buffers.
+        verify_tokens: verified mode: lookups take one int64 key per history
+            token and reuse only the prefix whose keys match the cached ones,
+            so rewritten or truncated histories are recomputed, never reused
+            wrongly.  Trust mode (default, the recsys-examples semantics)
+            assumes histories only grow.
+        max_open_batches: batches (with their metadata) that may be alive at
+            once; each costs one metadata buffer.
+    """
+
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    num_pages: int
+    page_size: int = 32
+    dtype: Any = "float32"
+    device: Any = "cpu"
+    max_batch_size: int = 64
+    max_seq_len: int = 8192
+    max_batch_tokens: Optional[int] = None
+    verify_tokens: bool = False
+    max_open_batches: int = 8
+    device_kind: str = field(init=False, repr=False)
+    device_index: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        set_(self, "num_layers", _positive_int("num_layers", self.num_layers, 1, 1024))
+        set_(self, "num_heads", _positive_int("num_heads", self.num_heads))
+        set_(self, "head_dim", _positive_int("head_dim", self.head_dim))
+        set_(self, "num_pages", _positive_int("num_pages", self.num_pages, 1, 2**31 - 1))
+        ps = _positive_int("page_size", self.page_size, 2, 256)
+        if ps & (ps - 1):
+            raise InvalidArgumentError(f"page_size must be a power of two in 2..256, got {ps}")
+        set_(self, "page_size", ps)
+        set_(self, "dtype", dtype_name(self.dtype))
+        kind, index = parse_device(self.device)
+        set_(self, "device_kind", kind)
+        set_(self, "device_index", index)
+        set_(self, "device", "cpu" if kind == "cpu" else f"cuda:{index}")
+        set_(self, "max_batch_size", _positive_int("max_batch_size", self.max_batch_size, 1, 2**20))
+        set_(self, "max_seq_len", _positive_int("max_seq_len", self.max_seq_len, 1, 2**30))
+        if self.max_batch_tokens is not None:
+            set_(self, "max_batch_tokens",
+                 _positive_int("max_batch_tokens", self.max_batch_tokens, 1, 2**30))
+        if not isinstance(self.verify_tokens, bool):
+            raise InvalidArgumentError(f"verify_tokens must be a bool, got {self.verify_tokens!r}")
+        set_(self, "max_open_batches",
+             _positive_int("max_open_batches", self.max_open_batches, 1, 1024))
+
+    @property
+    def element_size(self) -> int:
+        """Bytes of one K or V element."""
+        return DTYPES[self.dtype][1] // 8
+
+    @property
+    def page_bytes(self) -> int:
+        """Bytes of one page in one layer (K and V)."""
+        return 2 * self.page_size * self.num_heads * self.head_dim * self.element_size
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of the whole page table: all layers, all pages."""
+        return self.num_layers * self.num_pages * self.page_bytes
+
+    @property
+    def max_tokens(self) -> int:
+        """History tokens the page table can hold."""
+        return self.num_pages * self.page_size
