@@ -1,0 +1,482 @@
+"""Tests of the pure-PyTorch HSTU reference model (CPU, fast).
+
+The cached path is exercised with ``FakeKVCache``, a tiny dict-of-tensors test
+double of the ``hstu_kvcache.KVCache`` interface the model is written against
+(lookup / allocate / append / gather). It checks the model's use of that
+interface; the real cache has its own tests.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import sys
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+try:
+    from hstu_kvcache import reference as R
+except ImportError:
+    # The reference model needs no compiled code: load it by path when the package
+    # itself cannot be imported (extension not built yet, say).
+    _path = pathlib.Path(__file__).resolve().parents[1] / "hstu_kvcache" / "reference.py"
+    _spec = importlib.util.spec_from_file_location("hstu_kvcache_reference", _path)
+    assert _spec is not None and _spec.loader is not None
+    R = importlib.util.module_from_spec(_spec)
+    sys.modules[_spec.name] = R
+    _spec.loader.exec_module(R)
+
+
+# --------------------------------------------------------------------------- #
+# A test double of the KV cache interface
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class _Lookup:
+    user_ids: list[int]
+    history_lengths: np.ndarray
+    cached_lengths: np.ndarray
+    token_keys: list[torch.Tensor | None]
+
+
+@dataclass
+class _Meta:
+    user_ids: list[int]
+    cached: list[int]
+    lengths: list[int]
+    new_history_offsets: torch.Tensor
+    total_history_offsets: torch.Tensor
+    positions: torch.Tensor
+    batch_indices: torch.Tensor
+    new_history_nnz: int
+
+
+class FakeKVCache:
+    """Per user, per layer, a ``[len, H, D]`` K and V tensor; trust or verified lookup."""
+
+    def __init__(self, num_layers: int, num_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+        self.num_layers, self.num_heads, self.head_dim = num_layers, num_heads, head_dim
+        self.dtype = dtype
+        self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
+        self.users: dict[int, dict] = {}
+        self.appended_rows = 0  # total new-token rows written (all layers)
+
+    def lookup(self, user_ids, history_lengths, token_keys=None) -> _Lookup:
+        uids = [int(u) for u in np.asarray(user_ids)]
+        lengths = np.asarray(history_lengths, dtype=np.int64)
+        offs = np.concatenate([[0], np.cumsum(lengths)])
+        cached, keys = [], []
+        for b, (u, n) in enumerate(zip(uids, lengths)):
+            kb = None if token_keys is None else token_keys[offs[b]:offs[b + 1]].cpu()
+            keys.append(kb)
+            entry = self.users.get(u)
+            c = 0 if entry is None else min(entry["len"], int(n))  # trust mode: append-only
+            if c and kb is not None:  # verified mode: longest matching prefix
+                if entry["keys"] is None:
+                    c = 0
+                else:
+                    same = (entry["keys"][:c] == kb[:c]).to(torch.int64)
+                    c = int(torch.cumprod(same, 0).sum())
+            cached.append(c)
+        return _Lookup(uids, lengths, np.array(cached, dtype=np.int64), keys)
+
+    def allocate(self, lk: _Lookup) -> _Meta:
+        H, D = self.num_heads, self.head_dim
+        for u, n, c, kb in zip(lk.user_ids, lk.history_lengths, lk.cached_lengths, lk.token_keys):
+            n, c = int(n), int(c)
+            old = self.users.get(u)
+            entry = {"len": n, "filled": [c] * self.num_layers, "keys": kb,
+                     "k": [], "v": []}
+            for layer in range(self.num_layers):
+                for name in ("k", "v"):
+                    t = torch.full((n, H, D), float("nan"), dtype=self.dtype, device=self.device)
+                    if c:
+                        t[:c] = old[name][layer][:c]
+                    entry[name].append(t)
+            self.users[u] = entry
+        new = lk.history_lengths - lk.cached_lengths
+        to_i32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.int32, device=self.device)  # noqa: E731
+        return _Meta(
+            user_ids=lk.user_ids, cached=lk.cached_lengths.tolist(), lengths=lk.history_lengths.tolist(),
+            new_history_offsets=to_i32(np.concatenate([[0], np.cumsum(new)])),
+            total_history_offsets=to_i32(np.concatenate([[0], np.cumsum(lk.history_lengths)])),
+            positions=to_i32(np.concatenate([np.arange(c, n) for c, n in zip(lk.cached_lengths, lk.history_lengths)] + [[]])),
+            batch_indices=to_i32(np.repeat(np.arange(len(new)), new)),
+            new_history_nnz=int(new.sum()),
+        )
+
+    def append(self, layer_idx, k_rows, v_rows, meta: _Meta, row_offsets=None) -> None:
+        for t in (k_rows, v_rows):
+            assert t.dtype == self.dtype and t.device == self.device, (t.dtype, t.device)
+            assert t.shape[1:] == (self.num_heads, self.head_dim)
+        starts = (row_offsets if row_offsets is not None else meta.new_history_offsets)
+        assert starts.dtype == torch.int32 and starts.device == self.device
+        starts = starts.tolist()
+        for b, u in enumerate(meta.user_ids):
+            entry = self.users[u]
+            c, n = meta.cached[b], meta.lengths[b]
+            assert entry["filled"][layer_idx] == c, "append twice for one layer"
+            s = starts[b]
+            entry["k"][layer_idx][c:n] = k_rows[s:s + n - c]
+            entry["v"][layer_idx][c:n] = v_rows[s:s + n - c]
+            entry["filled"][layer_idx] = n
+            self.appended_rows += n - c
+
+    def gather(self, layer_idx, meta: _Meta):
+        ks, vs = [], []
+        for u, n in zip(meta.user_ids, meta.lengths):
+            entry = self.users[u]
+            assert entry["filled"][layer_idx] == n, "gather before append"
+            ks.append(entry["k"][layer_idx][:n])
+            vs.append(entry["v"][layer_idx][:n])
+        return torch.cat(ks).clone(), torch.cat(vs).clone()
+
+
+# --------------------------------------------------------------------------- #
+# Fixtures and helpers
+# --------------------------------------------------------------------------- #
+
+
+def small_cfg(**kw) -> "R.HSTUConfig":
+    base = dict(num_items=500, num_actions=5, d_model=32, num_heads=2, head_dim=16,
+                num_layers=3, max_seq_len=128, seed=7)
+    base.update(kw)
+    return R.HSTUConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return R.HSTUModel(small_cfg())
+
+
+def batch_for(cfg, lengths, ncand, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return R.make_synthetic_batch(cfg, list(range(100, 100 + len(lengths))), lengths, ncand, g)
+
+
+def user_slice(offsets: torch.Tensor, b: int) -> slice:
+    return slice(int(offsets[b]), int(offsets[b + 1]))
+
+
+# --------------------------------------------------------------------------- #
+# Basic shape / determinism
+# --------------------------------------------------------------------------- #
+
+
+def test_scores_shape_and_finite(model):
+    batch = batch_for(model.cfg, [5, 0, 40, 1], [3, 2, 0, 4])
+    scores = model(batch)
+    assert scores.shape == (9,) and scores.dtype == torch.float32
+    assert torch.isfinite(scores).all()
+    # Same seed, same parameters: a second model scores identically.
+    torch.testing.assert_close(R.HSTUModel(model.cfg)(batch), scores, rtol=0, atol=0)
+    assert not torch.equal(R.HSTUModel(replace(model.cfg, seed=8))(batch), scores)
+
+
+def test_activations_stay_order_one():
+    cfg = small_cfg(num_layers=8, max_seq_len=256)
+    m = R.HSTUModel(cfg)
+    batch = batch_for(cfg, [200, 64], [8, 8])
+    for k, v in m.history_kv(batch):
+        assert 0.05 < float(k.float().std()) < 5 and 0.05 < float(v.float().std()) < 5
+    s = m(batch)
+    assert 0.01 < float(s.abs().mean()) < 10
+
+
+def test_lengths_to_offsets_and_strip():
+    lengths = torch.tensor([3, 0, 2, 4])
+    assert R.lengths_to_offsets(lengths).tolist() == [0, 3, 3, 5, 9]
+    values = torch.arange(9) * 10
+    v, n, off = R.strip_cached_tokens_reference(values, lengths, np.array([1, 0, 2, 3]))
+    assert v.tolist() == [10, 20, 80] and n.tolist() == [2, 0, 0, 1] and off.tolist() == [0, 2, 2, 2, 3]
+    with pytest.raises(ValueError, match="num_cached"):
+        R.strip_cached_tokens_reference(values, lengths, np.array([4, 0, 0, 0]))
+
+
+# --------------------------------------------------------------------------- #
+# Mask correctness and the caching property
+# --------------------------------------------------------------------------- #
+
+
+def test_candidate_score_ignores_other_candidates(model):
+    batch = batch_for(model.cfg, [30, 12], [4, 3])
+    base = model(batch)
+    # Replace every candidate but the first of each user.
+    items = batch.candidate_item_ids.clone()
+    keep = torch.tensor([0, 4])
+    changed = (items + 17) % model.cfg.num_items
+    changed[keep] = items[keep]
+    other = model(replace(batch, candidate_item_ids=changed))
+    torch.testing.assert_close(other[keep], base[keep], rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(other[1:4], base[1:4])
+    # Adding candidates leaves existing scores alone too.
+    more = replace(batch, candidate_item_ids=torch.cat([items[:4], torch.tensor([1, 2]), items[4:]]),
+                   num_candidates=torch.tensor([6, 3]))
+    torch.testing.assert_close(model(more)[[0, 1, 2, 3, 6, 7, 8]], base, rtol=1e-6, atol=1e-7)
+
+
+def test_candidate_score_depends_on_history(model):
+    batch = batch_for(model.cfg, [30], [2])
+    items = batch.history_item_ids.clone()
+    items[0] = (items[0] + 1) % model.cfg.num_items
+    assert not torch.allclose(model(replace(batch, history_item_ids=items)), model(batch))
+
+
+def test_history_token_ignores_later_tokens(model):
+    cfg = model.cfg
+    batch = batch_for(cfg, [40, 25], [3, 3])
+    p = 17  # tokens 0..p of user 0 must not see changes after p
+    off = batch.history_offsets()
+    items, actions = batch.history_item_ids.clone(), batch.history_action_ids.clone()
+    sl = slice(int(off[0]) + p + 1, int(off[1]))
+    items[sl] = (items[sl] + 3) % cfg.num_items
+    actions[sl] = (actions[sl] + 1) % cfg.num_actions
+    changed = replace(batch, history_item_ids=items, history_action_ids=actions)
+    for (k0, v0), (k1, v1) in zip(model.history_kv(batch), model.history_kv(changed)):
+        # Same shapes, so same kernels: masked tokens contribute exact zeros, bit for bit.
+        assert torch.equal(k1[: p + 1], k0[: p + 1]) and torch.equal(v1[: p + 1], v0[: p + 1])
+        assert not torch.allclose(k1[p + 1: 40], k0[p + 1: 40])
+        assert torch.equal(k1[40:], k0[40:]) and torch.equal(v1[40:], v0[40:])  # other user untouched
+    # ... while an earlier token does reach later ones (the test above is not vacuous).
+    items2 = batch.history_item_ids.clone()
+    items2[0] = (items2[0] + 1) % cfg.num_items
+    kv2 = model.history_kv(replace(batch, history_item_ids=items2))
+    assert not torch.allclose(kv2[-1][0][1:40], model.history_kv(batch)[-1][0][1:40])
+
+
+def test_appending_history_keeps_earlier_kv(model):
+    """Recomputing from scratch after an append reproduces the earlier tokens' K/V.
+
+    Only up to float rounding: CPU (and GPU) GEMM libraries pick kernels by matrix
+    size, so a longer sequence can round a row differently (seen: 1 ulp for 1-5 row
+    matrices). The model itself has no dependence on later tokens (previous test,
+    bit-exact at equal shapes); a cache stores the K/V bits, see the next test.
+    """
+    users = R.SyntheticUsers(model.cfg, [1, 2, 3], initial_length=[20, 1, 33], seed=3)
+    before = users.request(new_events=0, num_candidates=4)
+    after = users.request(new_events=[5, 9, 1], num_candidates=6)
+    off_b, off_a = before.history_offsets(), after.history_offsets()
+    for (kb, vb), (ka, va) in zip(model.history_kv(before), model.history_kv(after)):
+        for b in range(3):
+            n, a0 = int(before.history_lengths[b]), int(off_a[b])
+            torch.testing.assert_close(ka[a0:a0 + n], kb[user_slice(off_b, b)], rtol=1e-6, atol=1e-6)
+            torch.testing.assert_close(va[a0:a0 + n], vb[user_slice(off_b, b)], rtol=1e-6, atol=1e-6)
+
+
+def test_cached_prefix_stays_bit_identical(model):
+    """Growing histories only ever appends to the cache: earlier tokens' K/V keep their bits,
+    and they equal what a from-scratch run computes for the same history (same shapes)."""
+    cfg = model.cfg
+    users = R.SyntheticUsers(cfg, [1, 2], initial_length=[9, 30], seed=8)
+    cache = _fake_cache(cfg)
+    first = users.request(num_candidates=2)
+    model(first, cache=cache)
+    snapshot = {u: [t.clone() for t in cache.users[u]["k"] + cache.users[u]["v"]] for u in (1, 2)}
+    # What the cache holds after the first request is what the dense path computes.
+    kv = model.history_kv(first)
+    torch.testing.assert_close(torch.cat([cache.users[1]["k"][0], cache.users[2]["k"][0]]), kv[0][0],
+                               rtol=1e-6, atol=1e-6)
+    for grow in ([3, 0], [1, 4]):
+        model(users.request(new_events=grow, num_candidates=2), cache=cache)
+    for u, n in ((1, 9), (2, 30)):
+        now = cache.users[u]["k"] + cache.users[u]["v"]
+        for old, new in zip(snapshot[u], now):
+            assert torch.equal(new[:n], old)
+
+
+def test_synthetic_users_are_deterministic_and_append_only():
+    cfg = small_cfg()
+    a = R.SyntheticUsers(cfg, [5, 6], initial_length=10, seed=1)
+    b = R.SyntheticUsers(cfg, [6], initial_length=10, seed=1)
+    r1 = a.request(new_events=3)
+    r2 = b.request(new_events=3)
+    torch.testing.assert_close(r1.history_item_ids[13:], r2.history_item_ids)  # user 6 alike
+    r3 = a.request([5], new_events=2)
+    assert r3.history_lengths.tolist() == [15]
+    assert torch.equal(r3.history_timestamps[:13], r1.history_timestamps[:13])
+    with pytest.raises(ValueError, match="outside"):
+        a.request([5], new_events=cfg.max_seq_len)
+
+
+# --------------------------------------------------------------------------- #
+# Cached forward and M-FALCON
+# --------------------------------------------------------------------------- #
+
+
+def _fake_cache(cfg, dtype=None):
+    return FakeKVCache(cfg.num_layers, cfg.num_heads, cfg.head_dim, dtype=dtype or cfg.dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-6)),
+                                       (torch.bfloat16, dict(rtol=2e-2, atol=4e-2))])
+def test_cached_forward_equals_full_recompute(dtype, tol):
+    cfg = small_cfg(dtype=dtype)
+    m = R.HSTUModel(cfg)
+    users = R.SyntheticUsers(cfg, [11, 12, 13, 14], initial_length=[0, 7, 30, 64], seed=5)
+    cache = _fake_cache(cfg)
+    grows = [[0, 0, 0, 0], [3, 1, 0, 5], [1, 8, 2, 0], [0, 0, 0, 0], [4, 2, 2, 2]]
+    for r, grow in enumerate(grows):
+        batch = users.request(new_events=grow, num_candidates=[3, 1, 4, 2])
+        appended_before = cache.appended_rows
+        cached = m(batch, cache=cache)
+        full = m(batch)
+        torch.testing.assert_close(cached.float(), full.float(), **tol)
+        # Only the tokens the cache lacked were computed.
+        expected_new = int(batch.history_lengths.sum()) if r == 0 else sum(grow)
+        assert cache.appended_rows - appended_before == expected_new * cfg.num_layers
+
+
+def test_cached_forward_subset_of_users_and_new_user():
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+    users = R.SyntheticUsers(cfg, [1, 2, 3], initial_length=[10, 20, 0], seed=9)
+    cache = _fake_cache(cfg)
+    m(users.request([1, 2], new_events=0), cache=cache)
+    for uids, grow in (([2], [3]), ([3, 1], [6, 0]), ([1, 2, 3], [2, 2, 2])):
+        batch = users.request(uids, new_events=grow, num_candidates=5)
+        torch.testing.assert_close(m(batch, cache=cache), m(batch), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 100])
+def test_mfalcon_equals_all_at_once(model, chunk):
+    batch = batch_for(model.cfg, [9, 0, 31, 4], [5, 3, 0, 7], seed=2)
+    full = model(batch)
+    torch.testing.assert_close(model(batch, candidate_chunk=chunk), full, rtol=1e-5, atol=1e-6)
+
+
+def test_mfalcon_with_cache():
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+    users = R.SyntheticUsers(cfg, [1, 2], initial_length=[12, 5], seed=4)
+    cache = _fake_cache(cfg)
+    for grow in ([0, 0], [2, 3], [1, 0]):
+        batch = users.request(new_events=grow, num_candidates=[7, 2])
+        before = cache.appended_rows
+        torch.testing.assert_close(m(batch, cache=cache, candidate_chunk=3), m(batch), rtol=1e-5, atol=1e-6)
+        # One history pass regardless of the number of candidate micro-batches.
+        assert cache.appended_rows - before == int(batch.history_lengths.sum() if grow == [0, 0]
+                                                   else sum(grow)) * cfg.num_layers
+
+
+try:
+    from hypothesis import HealthCheck, given, settings, strategies as st
+except ImportError:  # pragma: no cover - hypothesis is a test extra
+    given = None
+
+if given is not None:
+    _PROP_MODEL = R.HSTUModel(small_cfg(num_layers=2, max_seq_len=64, seed=3))
+
+    @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(data=st.data())
+    def test_cached_and_chunked_forward_property(data):
+        """Random users, growth patterns, candidate counts and chunk sizes: cached == dense."""
+        cfg = _PROP_MODEL.cfg
+        n_users = data.draw(st.integers(1, 4))
+        init = data.draw(st.lists(st.integers(0, 20), min_size=n_users, max_size=n_users))
+        users = R.SyntheticUsers(cfg, list(range(n_users)), initial_length=init, max_history=48,
+                                 seed=data.draw(st.integers(0, 2**16)))
+        cache = _fake_cache(cfg)
+        for _ in range(data.draw(st.integers(1, 3))):
+            uids = data.draw(st.lists(st.integers(0, n_users - 1), min_size=1, max_size=n_users, unique=True))
+            grow = [data.draw(st.integers(0, min(5, 48 - users.lengths[u]))) for u in uids]
+            ncand = data.draw(st.lists(st.integers(0, 5), min_size=len(uids), max_size=len(uids)))
+            chunk = data.draw(st.one_of(st.none(), st.integers(1, 4)))
+            batch = users.request(uids, new_events=grow, num_candidates=ncand)
+            got = _PROP_MODEL(batch, cache=cache, candidate_chunk=chunk)
+            torch.testing.assert_close(got, _PROP_MODEL(batch), rtol=1e-5, atol=1e-6)
+
+
+def test_verified_mode_recomputes_rewritten_history():
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+    users = R.SyntheticUsers(cfg, [1], initial_length=30, seed=6)
+    batch = users.request(new_events=0, num_candidates=4)
+    trust, verified = _fake_cache(cfg), _fake_cache(cfg)
+    m(batch, cache=trust)
+    m(batch, cache=verified, verify_tokens=True)
+    # Rewrite token 10 in place (same length): trust mode reuses stale K/V, verified does not.
+    items = batch.history_item_ids.clone()
+    items[10] = (items[10] + 1) % cfg.num_items
+    rewritten = replace(batch, history_item_ids=items)
+    full = m(rewritten)
+    assert not torch.allclose(m(rewritten, cache=trust), full)
+    before = verified.appended_rows
+    torch.testing.assert_close(m(rewritten, cache=verified, verify_tokens=True), full, rtol=1e-5, atol=1e-6)
+    assert verified.appended_rows - before == 20 * cfg.num_layers  # tokens 10..29 recomputed
+
+
+def test_token_keys():
+    cfg = small_cfg()
+    batch = batch_for(cfg, [6, 3], [1, 1])
+    keys = R.token_keys(batch)
+    assert keys.dtype == torch.int64 and keys.shape == (9,)
+    assert torch.equal(keys, R.token_keys(batch))
+    for field in ("history_item_ids", "history_action_ids", "history_timestamps"):
+        t = getattr(batch, field).clone()
+        t[4] += 1
+        if field == "history_action_ids":
+            t[4] %= cfg.num_actions
+        k2 = R.token_keys(replace(batch, **{field: t}))
+        assert (k2 != keys).tolist() == [i == 4 for i in range(9)]
+
+
+def test_time_features_are_cache_safe():
+    cfg = small_cfg()
+    users = R.SyntheticUsers(cfg, [1], initial_length=10, seed=2)
+    b1 = users.request(num_candidates=1)
+    b2 = users.request(new_events=5, num_candidates=1)
+    f1, f2 = R.time_features(b1), R.time_features(b2)
+    assert torch.equal(f2[0][:10], f1[0]) and torch.equal(f2[1][:10], f1[1])
+    assert int(f1[1][0]) == 0  # first event: "no previous event"
+
+
+# --------------------------------------------------------------------------- #
+# Input validation
+# --------------------------------------------------------------------------- #
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda b: replace(b, history_lengths=torch.tensor([5, 6])), "sum\\(history_lengths\\)"),
+    (lambda b: replace(b, history_action_ids=b.history_action_ids[:-1]), "history_action_ids has"),
+    (lambda b: replace(b, num_candidates=torch.tensor([2, 2, 2])), "num_candidates has 3 entries"),
+    (lambda b: replace(b, candidate_item_ids=b.candidate_item_ids[:-1]), "sum\\(num_candidates\\)"),
+    (lambda b: replace(b, history_item_ids=b.history_item_ids + 10_000), "history_item_ids must be in"),
+    (lambda b: replace(b, history_action_ids=b.history_action_ids + 5), "history_action_ids must be in"),
+    (lambda b: replace(b, history_item_ids=b.history_item_ids.to(torch.int32)), "int64"),
+    (lambda b: replace(b, history_timestamps=b.history_timestamps.flip(0)), "non-decreasing"),
+    (lambda b: replace(b, num_candidates=torch.tensor([3, -1])), "num_candidates must be >= 0"),
+])
+def test_bad_inputs_raise(model, mutate, message):
+    batch = batch_for(model.cfg, [4, 6], [1, 1])
+    with pytest.raises(ValueError, match=message):
+        model(mutate(batch))
+
+
+def test_positions_beyond_max_seq_len_raise(model):
+    n = model.cfg.max_seq_len
+    model(batch_for(model.cfg, [n], [2]))  # positions 0..N-1; candidates clamp to N-1
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(batch_for(model.cfg, [n + 1], [2]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(batch_for(model.cfg, [n + 1], [2]), cache=_fake_cache(model.cfg))
+
+
+def test_bad_arguments_raise(model):
+    batch = batch_for(model.cfg, [4], [2])
+    with pytest.raises(ValueError, match="candidate_chunk"):
+        model(batch, candidate_chunk=0)
+    with pytest.raises(ValueError, match="verify_tokens"):
+        model(batch, verify_tokens=True)
+    dup = replace(batch_for(model.cfg, [4, 4], [1, 1]), user_ids=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="at most once"):
+        model(dup, cache=_fake_cache(model.cfg))
+    with pytest.raises(ValueError, match="num_heads"):
+        R.HSTUConfig(num_heads=0)
+    with pytest.raises(ValueError, match="differ in length"):
+        R.make_synthetic_batch(model.cfg, [1, 2], [3], [1, 1], torch.Generator())
