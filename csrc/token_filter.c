@@ -64,8 +64,10 @@ int64_t hkv_filter_match(const hkv_token_filter *tf, const hkv_page_pool *pool,
             matched += m;
             continue;
         }
-        for (int64_t i = 0; i < m && stored[i] == keys[matched + i]; i++)
-            matched++;
+        int64_t i = 0;
+        while (i < m && stored[i] == keys[matched + i])
+            i++;
+        matched += i;
         break;
     }
     return matched;

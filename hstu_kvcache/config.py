@@ -37,7 +37,7 @@ def parse_device(device: Any) -> Tuple[str, int]:
     if text == "cpu":
         return "cpu", 0
     if text == "cuda":
-        idx = getattr(device, "index", None)
+        idx = None if isinstance(device, str) else getattr(device, "index", None)
         return "cuda", int(idx) if idx is not None else 0
     if text.startswith("cuda:"):
         try:
