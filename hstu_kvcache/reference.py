@@ -480,30 +480,39 @@ class HSTULayer(nn.Module):
 class KVCacheLike(Protocol):
     """The subset of ``hstu_kvcache.KVCache`` the cached forward uses.
 
-    ``lookup(user_ids, history_lengths, token_keys=None)`` returns an object with
-    ``cached_lengths`` (numpy int64 ``[B]``); ``allocate(lookup)`` returns batch
-    metadata with ``new_history_offsets``, ``total_history_offsets`` (int32 ``[B+1]``),
-    ``positions``, ``batch_indices`` (int32 ``[nnz_new]``) and ``new_history_nnz``;
-    ``append(layer, k_rows, v_rows, meta, row_offsets=None)`` writes new history
-    K/V; ``gather(layer, meta)`` returns every history token's K/V. Optional
-    attributes ``dtype`` / ``device`` (or ``config.dtype`` / ``config.device``)
-    say what K/V tensors the cache takes.
+    - ``lookup(user_ids, history_lengths, token_keys=None)`` (numpy int64 ids and
+      lengths; token keys an int64 tensor) returns an object with
+      ``cached_lengths`` (int64 ``[B]``): leading history tokens already cached.
+    - ``allocate(lookup)`` reserves room for the new tokens and returns the batch
+      metadata; the model reads ``new_history_nnz`` from it and passes it back.
+    - ``append(layer, k, v, batch)`` writes the new history tokens' K/V
+      (``[new_history_nnz, H, D]``, users one after another, cache dtype/device).
+    - ``gather(layer, batch)`` returns every history token's K and V (cached and
+      just appended), ``[sum(history_lengths), H, D]`` each, users one after another.
+    - ``batch.release()``, if present, is called when the forward ends (unpins
+      the batch's users; rolls back a batch that did not append every layer).
+
+    The cache's ``dtype`` / ``device`` are read from ``cache.config`` (or the
+    cache itself); torch dtypes and dtype names (``"bfloat16"``) both work.
     """
 
     def lookup(self, user_ids: Any, history_lengths: Any, token_keys: Any = None) -> Any: ...
     def allocate(self, lookup: Any) -> Any: ...
-    def append(self, layer_idx: int, k_rows: Tensor, v_rows: Tensor, batch_meta: Any,
-               row_offsets: Tensor | None = None) -> Any: ...
-    def gather(self, layer_idx: int, batch_meta: Any) -> tuple[Tensor, Tensor]: ...
+    def append(self, layer: int, k: Tensor, v: Tensor, batch: Any) -> Any: ...
+    def gather(self, layer: int, batch: Any) -> tuple[Tensor, Tensor]: ...
 
 
 def _cache_spec(cache: Any, default_dtype: torch.dtype, default_device: torch.device
                 ) -> tuple[torch.dtype, torch.device]:
-    for holder in (cache, getattr(cache, "config", None)):
-        if holder is not None and getattr(holder, "dtype", None) is not None:
-            dtype = holder.dtype
-            device = getattr(holder, "device", None)
-            return dtype, torch.device(device) if device is not None else default_device
+    """The dtype and device of the K/V tensors ``cache`` takes."""
+    for holder in (getattr(cache, "config", None), cache):
+        dtype = getattr(holder, "dtype", None) if holder is not None else None
+        if dtype is None:
+            continue
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype)
+        device = getattr(holder, "device", None)
+        return dtype, torch.device(device) if device is not None else default_device
     return default_dtype, default_device
 
 
@@ -669,12 +678,9 @@ class HSTUModel(nn.Module):
                              candidate_chunk: int | None, verify_tokens: bool) -> Tensor:
         cfg, dev = self.cfg, self.device
         B = batch.batch_size
-        hl = batch.history_lengths
-        hl_host = hl.cpu().numpy().astype(np.int64)
-        nc_host = batch.num_candidates.cpu().tolist()
+        hl_host = batch.history_lengths.cpu().numpy().astype(np.int64)
 
-        # 1. Which history tokens are new.
-        meta = None
+        # 1. Which history tokens are new (lookup), and room for them (allocate).
         if cache is not None:
             uid_host = batch.user_ids.cpu().numpy().astype(np.int64)
             if len(set(uid_host.tolist())) != B:
@@ -685,10 +691,28 @@ class HSTUModel(nn.Module):
             if cached.shape != (B,) or (cached < 0).any() or (cached > hl_host).any():
                 raise RuntimeError(f"cache.lookup returned cached_lengths {cached.tolist()} for "
                                    f"history_lengths {hl_host.tolist()}")
-            meta = cache.allocate(lk)
             cache_dtype, cache_device = _cache_spec(cache, cfg.dtype, dev)
-        else:
-            cached = np.zeros(B, dtype=np.int64)
+            meta = cache.allocate(lk)
+            try:
+                return self._run_passes(batch, cache, meta, cached, candidate_chunk,
+                                        cache_dtype, cache_device)
+            finally:
+                # Unpin the users; a batch that failed midway is rolled back by the cache.
+                release = getattr(meta, "release", None)
+                if callable(release):
+                    release()
+        return self._run_passes(batch, None, None, np.zeros(B, dtype=np.int64), candidate_chunk,
+                                cfg.dtype, dev)
+
+    def _run_passes(self, batch: HSTUBatch, cache: KVCacheLike | None, meta: Any,
+                    cached: np.ndarray, candidate_chunk: int | None,
+                    cache_dtype: torch.dtype, cache_device: torch.device) -> Tensor:
+        """History pass (+ first candidate micro-batch), then the other micro-batches."""
+        cfg, dev = self.cfg, self.device
+        B = batch.batch_size
+        hl = batch.history_lengths
+        hl_host = hl.cpu().numpy().astype(np.int64)
+        nc_host = batch.num_candidates.cpu().tolist()
         new_len = hl_host - cached
         if meta is not None and int(meta.new_history_nnz) != int(new_len.sum()):
             raise RuntimeError(f"cache.allocate reserved {int(meta.new_history_nnz)} new tokens, "
@@ -746,13 +770,13 @@ class HSTUModel(nn.Module):
                 q, k, v, u = layer.qkvu(x)
                 if with_history:
                     if cache is not None:
-                        # Append the new history rows (candidate rows interleaved after
-                        # each user's history are skipped via row_offsets), then read every
-                        # history token's K/V back from the pages: the attention below uses
-                        # exactly what the cache holds.
-                        ro = torch.tensor(row_off, dtype=torch.int32, device=cache_device)
-                        cache.append(li, k.to(device=cache_device, dtype=cache_dtype),
-                                     v.to(device=cache_device, dtype=cache_dtype), meta, row_offsets=ro)
+                        # Append only the new history rows (candidates are never cached;
+                        # a compact copy keeps this independent of how a cache could skip
+                        # interleaved rows), then read every history token's K/V back from
+                        # the pages: the attention below uses exactly what the cache holds.
+                        if new_off_host[-1]:  # with nothing new, a batch has nothing to append
+                            cache.append(li, k[is_hist_row].to(device=cache_device, dtype=cache_dtype),
+                                         v[is_hist_row].to(device=cache_device, dtype=cache_dtype), meta)
                         k_hist, v_hist = cache.gather(li, meta)
                         if k_hist.shape[0] != hist_off[-1] or v_hist.shape[0] != hist_off[-1]:
                             raise RuntimeError(f"cache.gather returned {k_hist.shape[0]} history rows, "

@@ -54,6 +54,10 @@ class _Meta:
     positions: torch.Tensor
     batch_indices: torch.Tensor
     new_history_nnz: int
+    released: bool = False
+
+    def release(self) -> None:
+        self.released = True
 
 
 class FakeKVCache:
@@ -66,6 +70,7 @@ class FakeKVCache:
         self.device = torch.empty(0, device=device).device  # "cuda" -> "cuda:0"
         self.users: dict[int, dict] = {}
         self.appended_rows = 0  # total new-token rows written (all layers)
+        self.batches: list[_Meta] = []
 
     def lookup(self, user_ids, history_lengths, token_keys=None) -> _Lookup:
         uids = [int(u) for u in np.asarray(user_ids)]
@@ -102,7 +107,7 @@ class FakeKVCache:
             self.users[u] = entry
         new = lk.history_lengths - lk.cached_lengths
         to_i32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.int32, device=self.device)  # noqa: E731
-        return _Meta(
+        meta = _Meta(
             user_ids=lk.user_ids, cached=lk.cached_lengths.tolist(), lengths=lk.history_lengths.tolist(),
             new_history_offsets=to_i32(np.concatenate([[0], np.cumsum(new)])),
             total_history_offsets=to_i32(np.concatenate([[0], np.cumsum(lk.history_lengths)])),
@@ -110,14 +115,15 @@ class FakeKVCache:
             batch_indices=to_i32(np.repeat(np.arange(len(new)), new)),
             new_history_nnz=int(new.sum()),
         )
+        self.batches.append(meta)
+        return meta
 
-    def append(self, layer_idx, k_rows, v_rows, meta: _Meta, row_offsets=None) -> None:
+    def append(self, layer_idx, k_rows, v_rows, meta: _Meta) -> None:
+        assert not meta.released
         for t in (k_rows, v_rows):
             assert t.dtype == self.dtype and t.device == self.device, (t.dtype, t.device)
-            assert t.shape[1:] == (self.num_heads, self.head_dim)
-        starts = (row_offsets if row_offsets is not None else meta.new_history_offsets)
-        assert starts.dtype == torch.int32 and starts.device == self.device
-        starts = starts.tolist()
+            assert t.shape == (meta.new_history_nnz, self.num_heads, self.head_dim)
+        starts = meta.new_history_offsets.tolist()
         for b, u in enumerate(meta.user_ids):
             entry = self.users[u]
             c, n = meta.cached[b], meta.lengths[b]
@@ -129,6 +135,7 @@ class FakeKVCache:
             self.appended_rows += n - c
 
     def gather(self, layer_idx, meta: _Meta):
+        assert not meta.released
         ks, vs = [], []
         for u, n in zip(meta.user_ids, meta.lengths):
             entry = self.users[u]
@@ -330,6 +337,7 @@ def test_cached_forward_equals_full_recompute(dtype, tol):
         # Only the tokens the cache lacked were computed.
         expected_new = int(batch.history_lengths.sum()) if r == 0 else sum(grow)
         assert cache.appended_rows - appended_before == expected_new * cfg.num_layers
+        assert cache.batches[-1].released
 
 
 def test_cached_forward_subset_of_users_and_new_user():
@@ -390,6 +398,34 @@ if given is not None:
             batch = users.request(uids, new_events=grow, num_candidates=ncand)
             got = _PROP_MODEL(batch, cache=cache, candidate_chunk=chunk)
             torch.testing.assert_close(got, _PROP_MODEL(batch), rtol=1e-5, atol=1e-6)
+
+
+def _real_cache_or_skip(cfg, **kw):
+    try:
+        from hstu_kvcache import KVCache, KVCacheConfig
+    except ImportError as exc:  # the compiled package is not built here
+        pytest.skip(f"hstu_kvcache.KVCache unavailable: {exc}")
+    dtype = str(cfg.dtype).removeprefix("torch.")
+    return KVCache(KVCacheConfig(num_layers=cfg.num_layers, num_heads=cfg.num_heads,
+                                 head_dim=cfg.head_dim, num_pages=256, page_size=4, dtype=dtype,
+                                 device="cpu", max_batch_size=8, max_seq_len=cfg.max_seq_len, **kw))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-6)),
+                                       (torch.bfloat16, dict(rtol=2e-2, atol=4e-2))])
+@pytest.mark.parametrize("verify", [False, True])
+def test_cached_forward_with_real_kvcache(dtype, tol, verify):
+    """The same rounds against the package's KVCache (CPU pool, 4-token pages)."""
+    cfg = small_cfg(dtype=dtype)
+    m = R.HSTUModel(cfg)
+    cache = _real_cache_or_skip(cfg, verify_tokens=verify)
+    users = R.SyntheticUsers(cfg, [11, 12, 13, 14], initial_length=[0, 7, 30, 64], seed=5)
+    for grow, chunk in (([0, 0, 0, 0], None), ([3, 1, 0, 5], 2), ([1, 8, 2, 0], None), ([0, 0, 0, 0], 1)):
+        batch = users.request(new_events=grow, num_candidates=[3, 1, 4, 2])
+        got = m(batch, cache=cache, candidate_chunk=chunk, verify_tokens=verify)
+        torch.testing.assert_close(got.float(), m(batch).float(), **tol)
+    for u in (11, 12, 13, 14):
+        assert cache.cached_length(u) == users.lengths[u]
 
 
 def test_verified_mode_recomputes_rewritten_history():
