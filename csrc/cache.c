@@ -941,7 +941,10 @@ hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_laye
                        (int)c->cfg.num_layers - 1);
         goto out;
     }
-    for (int32_t l = first_layer; l < first_layer + num_layers; l++)
+    /* A batch without new tokens committed at allocation; appending its
+     * (empty) layers stays valid so callers need no special case. */
+    for (int32_t l = first_layer; bt->new_tokens > 0 && l < first_layer + num_layers;
+         l++)
         if (bt->layer_done[l] || bt->state == BATCH_COMMITTED) {
             st = hkv_error(HKV_ESTATE, "layer %d of this batch was already "
                            "appended", (int)l);
@@ -989,12 +992,14 @@ hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_laye
             hkv_cpu_append(&a);
         }
     }
-    for (int32_t l = first_layer; l < first_layer + num_layers; l++)
-        bt->layer_done[l] = 1;
-    bt->layers_left -= num_layers;
-    c->stats.tokens_appended += (uint64_t)bt->new_tokens * (uint64_t)num_layers;
-    if (bt->layers_left == 0)
-        commit_batch(c, bt);
+    if (bt->new_tokens > 0) {
+        for (int32_t l = first_layer; l < first_layer + num_layers; l++)
+            bt->layer_done[l] = 1;
+        bt->layers_left -= num_layers;
+        c->stats.tokens_appended += (uint64_t)bt->new_tokens * (uint64_t)num_layers;
+        if (bt->layers_left == 0)
+            commit_batch(c, bt);
+    }
 out:
     pthread_mutex_unlock(&c->lock);
     return st;
