@@ -49,8 +49,17 @@ if NVCC:
 cu_sources = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "cuda").glob("*.cu")) if NVCC else []
 
 
-def cuda_root():
-    return str(Path(NVCC).resolve().parent.parent)
+def cuda_lib_dir():
+    """Folder holding libcudart_static.a: from CUDA_HOME, nvcc's install, or
+    the usual /usr/local/cuda."""
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             str(Path(NVCC).resolve().parent.parent), "/usr/local/cuda"]
+    for root in filter(None, roots):
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib"):
+            if os.path.isfile(os.path.join(root, sub, "libcudart_static.a")):
+                return os.path.join(root, sub)
+    sys.exit("nvcc was found but not libcudart_static.a; set CUDA_HOME "
+             "(or HSTU_KVCACHE_CUDA=0 for a CPU-only build)")
 
 
 class BuildExt(build_ext):
@@ -60,10 +69,7 @@ class BuildExt(build_ext):
         if cu_sources:
             objects = self.compile_cuda()
             ext.extra_objects = list(ext.extra_objects or []) + objects
-            lib = os.path.join(cuda_root(), "lib64")
-            if not os.path.isdir(lib):
-                lib = os.path.join(cuda_root(), "lib")
-            ext.library_dirs = list(ext.library_dirs or []) + [lib]
+            ext.library_dirs = list(ext.library_dirs or []) + [cuda_lib_dir()]
             # Static runtime: only the driver (libcuda) is needed at run time,
             # and it is loaded lazily, so import works on machines without one.
             ext.libraries = list(ext.libraries or []) + [

@@ -1081,6 +1081,65 @@ out:
     return st;
 }
 
+hkv_status hkv_cache_copy_pages(hkv_cache *c, int to_staging, int32_t first_layer,
+                                int32_t num_layers, const hkv_tensor *page_ids,
+                                const hkv_tensor *staging, void *stream)
+{
+    const hkv_config *cfg = &c->cfg;
+    if (num_layers < 1 || first_layer < 0 || first_layer + num_layers > cfg->num_layers)
+        return hkv_error(HKV_EINVAL, "layers %d..%d are outside 0..%d",
+                         (int)first_layer, (int)(first_layer + num_layers - 1),
+                         (int)cfg->num_layers - 1);
+    int64_t n = page_ids->ndim == 1 ? page_ids->shape[0] : -1;
+    hkv_status st = check_index_tensor(c, page_ids, "page_ids", n < 0 ? 0 : n);
+    if (st != HKV_OK)
+        return st;
+    int64_t want[6] = {num_layers, n, 2, cfg->page_size, cfg->num_heads, cfg->head_dim};
+    int ok = staging->ndim == 6 && staging->dtype_code == cfg->dtype_code &&
+             staging->dtype_bits == cfg->dtype_bits;
+    int64_t stride = 1;
+    for (int i = 5; ok && i >= 0; i--) {
+        /* strides of an empty tensor carry no meaning */
+        ok = staging->shape[i] == want[i] &&
+             (staging->shape[i] == 1 || n == 0 || staging->strides[i] == stride);
+        stride *= want[i];
+    }
+    if (!ok)
+        return hkv_error(HKV_EINVAL, "staging must be a contiguous [%d, %lld, 2, %d, %d, "
+                         "%d] tensor of the cache's dtype", (int)num_layers,
+                         (long long)n, (int)cfg->page_size, (int)cfg->num_heads,
+                         (int)cfg->head_dim);
+    st = check_device(c, staging, "staging");
+    if (st != HKV_OK)
+        return st;
+    if (!is_cuda(c)) {
+        const int32_t *ids = page_ids->data;
+        for (int64_t i = 0; i < n; i++)
+            if (ids[i] < 0 || ids[i] >= cfg->num_pages)
+                return hkv_error(HKV_EINVAL, "page id %d is outside 0..%d", (int)ids[i],
+                                 (int)cfg->num_pages - 1);
+    }
+    hkv_pages_args a = {
+        .table = c->table,
+        .first_layer = first_layer,
+        .num_layers = num_layers,
+        .page_ids = page_ids->data,
+        .n = n,
+        .staging = staging->data,
+    };
+    if (n == 0)
+        return HKV_OK;
+    if (!is_cuda(c)) {
+        if (to_staging)
+            hkv_cpu_gather_pages(&a);
+        else
+            hkv_cpu_scatter_pages(&a);
+        return HKV_OK;
+    }
+    return to_staging ? hkv_cuda_gather_pages(&a, cfg->device_index, stream)
+                      : hkv_cuda_scatter_pages(&a, cfg->device_index, stream);
+}
+
 /* ------------------------------------------------------------------ */
 /* close / free                                                        */
 

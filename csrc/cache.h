@@ -178,6 +178,18 @@ hkv_status hkv_batch_read(hkv_batch *b, int32_t layer, const hkv_tensor *k,
                           const hkv_tensor *v, const hkv_tensor *batch_indices,
                           const hkv_tensor *positions, void *stream);
 
+/*
+ * Page transfer between the table and a staging tensor (kernels.h,
+ * hkv_pages_args): gather (to_staging = 1) copies pages out, scatter copies
+ * them in.  page_ids: int32 [n] on the cache's device; staging: contiguous,
+ * [num_layers, n, 2, page_size, H, D] in the cache's dtype and on its device.
+ * The building block of offload and onboard; exposed for tests and
+ * benchmarks.
+ */
+hkv_status hkv_cache_copy_pages(hkv_cache *c, int to_staging, int32_t first_layer,
+                                int32_t num_layers, const hkv_tensor *page_ids,
+                                const hkv_tensor *staging, void *stream);
+
 /* Unpin the batch's users; rolls back an uncommitted batch.  Idempotent. */
 void hkv_batch_close(hkv_batch *b);
 /* Close if needed and give the metadata block back; `stream` work that

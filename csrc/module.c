@@ -535,6 +535,35 @@ out:
     return ret;
 }
 
+static PyObject *Cache_copy_pages(CacheObject *self, PyObject *args)
+{
+    int to_staging, first, count;
+    PyObject *ids_o, *staging_o, *stream_o;
+    if (!PyArg_ParseTuple(args, "piiOOO", &to_staging, &first, &count, &ids_o,
+                          &staging_o, &stream_o) || !cache_ready(self))
+        return NULL;
+    imported ids, staging;
+    staging.mt = NULL;
+    void *stream;
+    PyObject *ret = NULL;
+    if (import_tensor(ids_o, "page_ids", &ids) ||
+        import_tensor(staging_o, "staging", &staging) || get_stream(stream_o, &stream))
+        goto out;
+    hkv_status st;
+    WITHOUT_GIL(self, st = hkv_cache_copy_pages(self->cache, to_staging, first, count,
+                                                &ids.t, &staging.t, stream));
+    if (st != HKV_OK) {
+        raise_status(st);
+        goto out;
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+out:
+    release_import(&ids);
+    release_import(&staging);
+    return ret;
+}
+
 static PyObject *Cache_evict(CacheObject *self, PyObject *arg)
 {
     if (!cache_ready(self))
@@ -626,6 +655,8 @@ static PyMethodDef Cache_methods[] = {
      "user_length(user_id) -> cached tokens"},
     {"read_user", (PyCFunction)Cache_read_user, METH_VARARGS,
      "read_user(user_id, layer, k, v, stream) -> tokens copied"},
+    {"copy_pages", (PyCFunction)Cache_copy_pages, METH_VARARGS,
+     "copy_pages(to_staging, first_layer, num_layers, page_ids, staging, stream)"},
     {"evict", (PyCFunction)Cache_evict, METH_O, "evict(user_ids)"},
     {"evict_all", (PyCFunction)Cache_evict_all, METH_NOARGS,
      "evict_all() -> users dropped"},

@@ -15,9 +15,15 @@
  */
 #include "common.cuh"
 
+/* Vectors each lane moves per chunk (loads in flight per lane).  A
+ * build-time knob for tuning runs. */
+#ifndef HKV_PAGES_VECS_PER_LANE
+#define HKV_PAGES_VECS_PER_LANE 4
+#endif
+
 namespace {
 
-constexpr int kVecsPerLane = 4;
+constexpr int kVecsPerLane = HKV_PAGES_VECS_PER_LANE;
 constexpr int kChunkVecs = 32 * kVecsPerLane;
 
 struct PagesParams {

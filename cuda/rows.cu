@@ -21,6 +21,14 @@
  */
 #include "common.cuh"
 
+/*
+ * Warps per SM the launcher aims for before it splits layers over
+ * blockIdx.y (see rows_launch).  A build-time knob for tuning runs.
+ */
+#ifndef HKV_ROWS_WARPS_PER_SM
+#define HKV_ROWS_WARPS_PER_SM 64
+#endif
+
 namespace {
 
 struct RowsParams {
@@ -180,7 +188,7 @@ hkv_status rows_launch(const hkv_rows_args *a, int device, void *stream,
      * otherwise split the layers into chunks over blockIdx.y.
      */
     const int sms = hkv::sm_count(device);
-    const int64_t want_warps = (int64_t)sms * 64;
+    const int64_t want_warps = (int64_t)sms * HKV_ROWS_WARPS_PER_SM;
     int64_t chunks = hkv::div_up(want_warps, a->nnz);
     if (chunks > a->num_layers)
         chunks = a->num_layers;

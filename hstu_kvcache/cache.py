@@ -350,6 +350,38 @@ class KVCache:
                                    capsule(v, "v"), handle)
         return k[:n], v[:n]
 
+    def gather_pages(self, page_ids: Any, layers: Union[int, range, slice, None] = None,
+                     out: Any = None, stream: Any = None) -> Any:
+        """Copy whole pages out of the table into a contiguous staging tensor
+        ``[layers, n, 2, page_size, H, D]`` (the building block of offload).
+
+        ``page_ids`` is an int32 tensor on the cache's device; ``layers``
+        defaults to all layers.  Returns ``out`` (allocated if not given)."""
+        require_torch("gather_pages")
+        first, count = self._layer_range(layers if layers is not None
+                                         else range(self.config.num_layers))
+        if out is None:
+            cfg = self.config
+            out = torch.empty((count, int(page_ids.shape[0]), 2, cfg.page_size,
+                               cfg.num_heads, cfg.head_dim), dtype=getattr(torch, cfg.dtype),
+                              device=torch.device(cfg.device))
+        handle = current_stream(self.config.device_kind, self.config.device_index, stream)
+        self._native.copy_pages(True, first, count, capsule(page_ids, "page_ids"),
+                                capsule(out, "staging"), handle)
+        return out
+
+    def scatter_pages(self, page_ids: Any, staging: Any,
+                      layers: Union[int, range, slice, None] = None, stream: Any = None) -> None:
+        """Copy a staging tensor ``[layers, n, 2, page_size, H, D]`` into the
+        pages ``page_ids`` (distinct; the building block of onboard).  This
+        writes K/V behind the index's back: meant for tests, benchmarks and
+        the tiers."""
+        first, count = self._layer_range(layers if layers is not None
+                                         else range(self.config.num_layers))
+        handle = current_stream(self.config.device_kind, self.config.device_index, stream)
+        self._native.copy_pages(False, first, count, capsule(page_ids, "page_ids"),
+                                capsule(staging, "staging"), handle)
+
     def cached_length(self, user_id: int) -> int:
         """Tokens of the user's history whose K/V are cached (0 if unknown)."""
         return self._native.user_length(int(user_id))

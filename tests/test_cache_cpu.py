@@ -556,3 +556,29 @@ def test_cuda_request_without_gpu_is_a_clear_error():
         pytest.skip("a GPU is present")
     with pytest.raises(hk.NoDeviceError, match="cpu"):
         make(device="cuda")
+
+
+def test_gather_and_scatter_pages():
+    cache = make(num_layers=3, num_pages=8)
+    table = torch.from_dlpack(cache.table())
+    table.copy_(torch.randn_like(table))
+    ids = torch.tensor([6, 0, 3], dtype=torch.int32)
+    staged = cache.gather_pages(ids)
+    assert staged.shape == (3, 3, 2, 4, H, D)
+    assert torch.equal(staged, table[:, [6, 0, 3]])
+    part = cache.gather_pages(ids, layers=range(1, 3))
+    assert torch.equal(part, table[1:3, [6, 0, 3]])
+    new = torch.randn_like(part)
+    before = table.clone()
+    cache.scatter_pages(ids, new, layers=slice(1, 3))
+    assert torch.equal(table[1:3, [6, 0, 3]], new)
+    untouched = [p for p in range(8) if p not in (6, 0, 3)]
+    assert torch.equal(table[:, untouched], before[:, untouched])
+    assert torch.equal(table[0], before[0])
+    with pytest.raises(InvalidArgumentError, match="outside"):
+        cache.gather_pages(torch.tensor([8], dtype=torch.int32))
+    with pytest.raises(InvalidArgumentError, match="int32"):
+        cache.gather_pages(torch.tensor([1]))
+    with pytest.raises(InvalidArgumentError, match="staging"):
+        cache.scatter_pages(ids, new[:, :2])
+    assert torch.equal(cache.gather_pages(ids[:0]), table[:, []])

@@ -232,10 +232,10 @@ struct Batch {
     std::vector<int32_t> cached, fresh, cand;
 };
 
-static Batch random_batch(Rng &rng, int max_users, int max_len)
+static Batch random_batch(Rng &rng, int max_users, int max_len, bool all_users)
 {
     Batch bt;
-    int users = (int)rng.range(1, max_users);
+    int users = all_users ? max_users : (int)rng.range(1, max_users);
     for (int b = 0; b < users; b++) {
         int kind = (int)rng.range(0, 5);
         int c = (int)rng.range(1, max_len), f = (int)rng.range(1, max_len / 2 + 1);
@@ -259,10 +259,10 @@ static Batch random_batch(Rng &rng, int max_users, int max_len)
  */
 static void rows_case(Rng &rng, RowShape rs, int ps, int layout,
                       LayerMode lm, bool append, cudaStream_t stream,
-                      int max_users, int max_len)
+                      int max_users, int max_len, bool all_users = false)
 {
     const int64_t rb = (int64_t)rs.esize * rs.heads * rs.dim;
-    Batch bt = random_batch(rng, max_users, max_len);
+    Batch bt = random_batch(rng, max_users, max_len, all_users);
     const int B = (int)bt.cached.size();
 
     /* Pages: each user owns ceil(history / ps) distinct random pages. */
@@ -1170,7 +1170,8 @@ int main(int argc, char **argv)
     printf("device: %s, %d SMs, seed %llu\n", prop.name, prop.multiProcessorCount,
            (unsigned long long)seed);
 
-    HK(hkv_cuda_memset(DEV, dalloc(16), 0, 16));   /* context up; leaks 16 B */
+    void *first = dalloc(16);                       /* bring the context up */
+    dfree(first);
     cudaStream_t stream;
     CK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
 
@@ -1215,6 +1216,28 @@ int main(int argc, char **argv)
                 rows_case(rng, rs, ps, layout, lm, append, s, max_users, max_len);
                 variant++;
             }
+
+    /* Batches big enough that one warp takes several layers of a token
+     * (the launcher splits layers over blockIdx.y only while tokens are
+     * too few to fill the GPU), with odd and even layer counts. */
+    struct { RowShape rs; int ps, layout, lmode, users, max_len; } big_rows[] = {
+        {{2, 4, 64}, 16, 2, 2, 8, 6000},    /* qkv view, 3 layers   */
+        {{2, 4, 128}, 128, 1, 3, 6, 3000},  /* padded, 4 layers     */
+        {{2, 1, 33}, 8, 3, 1, 8, 6000},     /* 2-byte width, 2 layers */
+    };
+    for (auto &c : big_rows) {
+        if (mode == SMALL) {    /* still several layers per warp on an H100 */
+            c.users = 6;
+            c.max_len = 2500;
+            c.ps = 32;
+            c.lmode = 3;
+        }
+        for (int append = 1; append >= 0; append--)
+            rows_case(rng, c.rs, c.ps, c.layout, kLayerModes[c.lmode], append,
+                      stream, c.users, c.max_len, true);
+        if (mode == SMALL)
+            break;
+    }
 
     for (RowShape rs : shapes)
         for (int ps : page_sizes)
