@@ -12,6 +12,9 @@
  * (page_size 2 with 4 x 64 bf16 heads is exactly 2 KiB) are one chunk, big
  * pages are spread over many warps, so the GPU fills up whatever the page
  * size.  blockIdx.y walks the layers, so all layers go in one launch.
+ *
+ * The source is read through the read-only path, so staging and table
+ * must not overlap (they never do: staging is a separate buffer).
  */
 #include "common.cuh"
 
@@ -54,7 +57,9 @@ pages_kernel(const PagesParams p)
         char *staging = p.staging + l * p.n * p.page_bytes;
 
         for (int64_t w = warp0; w < work; w += nwarps) {
-            const int64_t i = w / p.chunks_per_page;
+            /* Pages of up to one chunk (small page sizes) skip the 64-bit
+             * division; the branch is uniform over the grid. */
+            const int64_t i = p.chunks_per_page == 1 ? w : w / p.chunks_per_page;
             const int64_t c = w - i * p.chunks_per_page;
             const int64_t page = __ldg(p.page_ids + i);
             char *tp = table + page * p.page_bytes;

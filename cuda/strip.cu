@@ -17,7 +17,9 @@
  *
  * The copy never writes at or past the caller's out_total, and never
  * past the true total either (a caller that over-sized out_total gets its
- * extra rows untouched).
+ * extra rows untouched).  values and out_values must not overlap (no
+ * in-place strip): the copy reads values through the read-only path, and
+ * the CPU version uses memcpy.
  */
 #include "common.cuh"
 
