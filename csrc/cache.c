@@ -913,34 +913,46 @@ static hkv_status check_rows(const hkv_cache *c, const hkv_tensor *t,
     return HKV_OK;
 }
 
-static void fill_rows_args(const hkv_cache *c, const hkv_batch *bt,
-                           hkv_rows_args *a, int32_t *meta)
+static void fill_rows_args(const hkv_cache *c, hkv_rows_args *a, int32_t *meta)
 {
     a->table = c->table;
     a->kv_indptr = meta_field(c, meta, HKV_META_KV_INDPTR);
     a->kv_indices = meta_field(c, meta, HKV_META_KV_INDICES);
-    (void)bt;
 }
 
-hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_layers,
-                            const hkv_tensor *k, const hkv_tensor *v, void *stream)
+static hkv_status check_layers(const hkv_cache *c, int32_t first, int32_t count)
+{
+    if (count < 1 || first < 0 || first + count > c->cfg.num_layers)
+        return hkv_error(HKV_EINVAL, "layers %d..%d are outside 0..%d", (int)first,
+                         (int)(first + count - 1), (int)c->cfg.num_layers - 1);
+    return HKV_OK;
+}
+
+/* Lock the batch's cache for an operation on an open batch.  On HKV_OK the
+ * caller holds the lock and must unlock it. */
+static hkv_status batch_enter(hkv_batch *bt)
 {
     hkv_cache *c = bt->cache;
     if (c == NULL)
         return hkv_error(HKV_ESTATE, "the cache of this batch was closed");
     pthread_mutex_lock(&c->lock);
-    hkv_status st = HKV_OK;
     if (bt->state == BATCH_CLOSED) {
-        st = hkv_error(HKV_ESTATE, "the batch was released; allocate a new one");
-        goto out;
+        pthread_mutex_unlock(&c->lock);
+        return hkv_error(HKV_ESTATE, "the batch was released; allocate a new one");
     }
-    if (num_layers < 1 || first_layer < 0 ||
-        first_layer + num_layers > c->cfg.num_layers) {
-        st = hkv_error(HKV_EINVAL, "layers %d..%d are outside 0..%d",
-                       (int)first_layer, (int)(first_layer + num_layers - 1),
-                       (int)c->cfg.num_layers - 1);
+    return HKV_OK;
+}
+
+hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_layers,
+                            const hkv_tensor *k, const hkv_tensor *v, void *stream)
+{
+    hkv_status st = batch_enter(bt);
+    if (st != HKV_OK)
+        return st;
+    hkv_cache *c = bt->cache;
+    st = check_layers(c, first_layer, num_layers);
+    if (st != HKV_OK)
         goto out;
-    }
     /* A batch without new tokens committed at allocation; appending its
      * (empty) layers stays valid so callers need no special case. */
     for (int32_t l = first_layer; bt->new_tokens > 0 && l < first_layer + num_layers;
@@ -972,7 +984,7 @@ hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_laye
     }
     if (bt->new_tokens > 0) {
         int32_t *meta = is_cuda(c) ? bt->device->ptr : bt->host->ptr;
-        fill_rows_args(c, bt, &a, meta);
+        fill_rows_args(c, &a, meta);
         a.first_layer = first_layer;
         a.num_layers = num_layers;
         a.k = k->data;
@@ -1022,20 +1034,13 @@ hkv_status hkv_batch_read(hkv_batch *bt, int32_t layer, const hkv_tensor *k,
                           const hkv_tensor *v, const hkv_tensor *batch_indices,
                           const hkv_tensor *positions, void *stream)
 {
+    hkv_status st = batch_enter(bt);
+    if (st != HKV_OK)
+        return st;
     hkv_cache *c = bt->cache;
-    if (c == NULL)
-        return hkv_error(HKV_ESTATE, "the cache of this batch was closed");
-    pthread_mutex_lock(&c->lock);
-    hkv_status st = HKV_OK;
-    if (bt->state == BATCH_CLOSED) {
-        st = hkv_error(HKV_ESTATE, "the batch was released; allocate a new one");
+    st = check_layers(c, layer, 1);
+    if (st != HKV_OK)
         goto out;
-    }
-    if (layer < 0 || layer >= c->cfg.num_layers) {
-        st = hkv_error(HKV_EINVAL, "layer %d is outside 0..%d", (int)layer,
-                       (int)c->cfg.num_layers - 1);
-        goto out;
-    }
     hkv_rows_args a;
     int64_t n = bt->total_tokens;
     st = check_rows(c, k, "k", 1, n, &a.k_row_stride, &a.k_layer_stride);
@@ -1056,7 +1061,7 @@ hkv_status hkv_batch_read(hkv_batch *bt, int32_t layer, const hkv_tensor *k,
         .batch_indices = batch_indices->data,
         .positions = positions->data,
     };
-    fill_rows_args(c, bt, &a, meta);
+    fill_rows_args(c, &a, meta);
     a.first_layer = layer;
     a.num_layers = 1;
     a.k = k->data;
@@ -1086,12 +1091,11 @@ hkv_status hkv_cache_copy_pages(hkv_cache *c, int to_staging, int32_t first_laye
                                 const hkv_tensor *staging, void *stream)
 {
     const hkv_config *cfg = &c->cfg;
-    if (num_layers < 1 || first_layer < 0 || first_layer + num_layers > cfg->num_layers)
-        return hkv_error(HKV_EINVAL, "layers %d..%d are outside 0..%d",
-                         (int)first_layer, (int)(first_layer + num_layers - 1),
-                         (int)cfg->num_layers - 1);
+    hkv_status st = check_layers(c, first_layer, num_layers);
+    if (st != HKV_OK)
+        return st;
     int64_t n = page_ids->ndim == 1 ? page_ids->shape[0] : -1;
-    hkv_status st = check_index_tensor(c, page_ids, "page_ids", n < 0 ? 0 : n);
+    st = check_index_tensor(c, page_ids, "page_ids", n < 0 ? 0 : n);
     if (st != HKV_OK)
         return st;
     int64_t want[6] = {num_layers, n, 2, cfg->page_size, cfg->num_heads, cfg->head_dim};
