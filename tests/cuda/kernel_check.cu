@@ -132,10 +132,16 @@ static void dfree(void *p)
     HK(hkv_cuda_free(DEV, p));
 }
 
+/*
+ * A cudaMemcpy from pageable memory may return before its DMA has landed,
+ * and the kernels under test run on a non-blocking stream that does not
+ * wait for the legacy stream: wait for the device before going on.
+ */
 static void upload(void *d, const void *h, size_t n)
 {
     if (n)
         CK(cudaMemcpy(d, h, n, cudaMemcpyHostToDevice));
+    CK(cudaDeviceSynchronize());
 }
 
 static void download(void *h, const void *d, size_t n)
@@ -716,7 +722,7 @@ static void strip_case(Rng &rng, bool is64, int batch, int64_t rb, int max_len,
 
 /* -------------------------------------------------- empty work, errors */
 
-static void edge_cases(cudaStream_t stream)
+static void edge_cases(cudaStream_t stream, bool with_api_errors)
 {
     hkv_rows_args ra;
     hkv_pages_args pa;
@@ -767,15 +773,19 @@ static void edge_cases(cudaStream_t stream)
     hkv_status st = hkv_cuda_append(&ra, DEV, stream);
     report(st == HKV_EINVAL && strstr(hkv_last_error(), "page_size"),
            "error   page_size 24 -> %s: %s", hkv_status_name(st), hkv_last_error());
-    int ndev = 0;
-    HK(hkv_cuda_device_count(&ndev));
-    hkv_clear_error();
-    ra.nnz = 0;
-    st = hkv_cuda_read(&ra, ndev + 7, stream);
-    report(st == HKV_ECUDA && strstr(hkv_last_error(), "failed:"),
-           "error   device %d -> %s: %s", ndev + 7, hkv_status_name(st),
-           hkv_last_error());
-    HK(hkv_cuda_stream_sync(DEV, stream));   /* and the device still works */
+    /* A failing CUDA call (skipped under compute-sanitizer, which would
+     * count the deliberate error as one). */
+    if (with_api_errors) {
+        int ndev = 0;
+        HK(hkv_cuda_device_count(&ndev));
+        hkv_clear_error();
+        ra.nnz = 0;
+        st = hkv_cuda_read(&ra, ndev + 7, stream);
+        report(st == HKV_ECUDA && strstr(hkv_last_error(), "failed:"),
+               "error   device %d -> %s: %s", ndev + 7, hkv_status_name(st),
+               hkv_last_error());
+        HK(hkv_cuda_stream_sync(DEV, stream));  /* the device still works */
+    }
 }
 
 /* The cuda_rt.h services, as the C core will use them. */
@@ -1200,7 +1210,7 @@ int main(int argc, char **argv)
     const int max_users = mode == SMALL ? 4 : 9;
 
     runtime_case(stream);
-    edge_cases(stream);
+    edge_cases(stream, mode != SMALL);
 
     int variant = 0;
     for (RowShape rs : shapes)
