@@ -2,29 +2,48 @@
  * rows.cu - append / read: move token rows between the caller's jagged K
  * and V tensors and their pages (kernels.h, hkv_rows_args).
  *
- * Work decomposition.  One warp owns one token and a contiguous chunk of
- * layers (blockIdx.y picks the chunk).  The warp resolves the token's
- * user, row, page and slot once, then copies K and V of each of its
- * layers; the 32 lanes stride over the row in vectors, so every access of
- * the warp is one coalesced 512-byte sweep (at 16-byte width).
+ * Work decomposition.  A warp owns a tile of up to 32 consecutive tokens
+ * and a chunk of layers (blockIdx.y picks the chunk; normally one layer,
+ * so the warps running at the same time work in the same layer, which
+ * keeps DRAM accesses close together).  Lane j of the warp resolves token
+ * j of the tile (user, row, page, slot: a chain of dependent index loads),
+ * all lanes at once; the warp then walks the tile's (token, layer) items,
+ * taking each token's addresses from its lane with __shfl_sync, and the
+ * 32 lanes stride over each row in vectors, so every access of the warp
+ * is a coalesced sweep (512 bytes per instruction at 16-byte width).
  *
- * Latency hiding.  The index chain (batch_indices -> offsets -> kv_indptr
- * -> kv_indices) is paid once per (token, layer chunk).  The copy then
- * handles two layers at a time, i.e. four rows (K and V of both), issuing
- * all four loads before the first store so that each lane has four
- * independent 16-byte loads in flight.
+ * Why tiles: the index chain costs about a microsecond of latency and a
+ * K+V pair of a 4 x 64 bf16 row is only 1 KiB.  One chain per token per
+ * warp left each warp idle most of its life; one chain per tile of tokens
+ * spreads it over several KiB of copying.  Tiles are sized on the host
+ * (HKV_ROWS_WARP_BYTES of K+V per warp and layer), shrunk when the batch
+ * is too small to fill the GPU.
  *
- * The layer chunking is chosen on the host: with many tokens each warp
- * takes every layer (the index chain is amortized over all of them); with
- * few tokens the layers are split over blockIdx.y until the grid has
- * enough warps to fill the GPU.  Either way all layers go in one launch.
+ * Latency hiding inside the copy: items are taken two at a time, i.e.
+ * four rows (K and V of both), and all four loads are issued before the
+ * first store, so each lane has four independent loads in flight.
+ *
+ * All layers go in one launch either way.
  */
 #include "common.cuh"
 
 /*
- * Warps per SM the launcher aims for before it splits layers over
- * blockIdx.y (see rows_launch).  A build-time knob for tuning runs.
+ * Build-time tuning knobs (the defaults are what the H100 measurements
+ * chose; kernel_check --bench compares variants):
+ *   HKV_ROWS_SPLIT_LAYERS  1: one layer per warp, tokens tiled (default);
+ *                          0: one token per warp taking every layer when
+ *                             the tokens alone fill the GPU (first design).
+ *   HKV_ROWS_WARP_BYTES    target K+V bytes per warp and layer: sets the
+ *                          tile size (4096 -> 4 tokens of a 512-byte row).
+ *   HKV_ROWS_WARPS_PER_SM  warps per SM below which tiles shrink (or, with
+ *                          SPLIT_LAYERS 0, layers are split).
  */
+#ifndef HKV_ROWS_SPLIT_LAYERS
+#define HKV_ROWS_SPLIT_LAYERS 1
+#endif
+#ifndef HKV_ROWS_WARP_BYTES
+#define HKV_ROWS_WARP_BYTES 4096
+#endif
 #ifndef HKV_ROWS_WARPS_PER_SM
 #define HKV_ROWS_WARPS_PER_SM 64
 #endif
@@ -40,6 +59,7 @@ struct RowsParams {
     int32_t page_shift;       /* log2(page_size)                             */
     int32_t num_layers;
     int32_t layers_per_warp;
+    int32_t tokens_per_warp;  /* tile size, 1..32                            */
     int32_t row_vecs;         /* row_bytes / sizeof(V)                       */
     char *k;
     char *v;
@@ -52,7 +72,27 @@ struct RowsParams {
     const int32_t *kv_indptr;
     const int32_t *kv_indices;
     int64_t nnz;
+    int64_t ntiles;           /* ceil(nnz / tokens_per_warp)                 */
 };
+
+/*
+ * The warp's cursor over the (token, layer) items of its tile, token
+ * major.  Every field is warp-uniform, so the __shfl_sync calls in
+ * next() are executed by all 32 lanes.
+ */
+struct ItemCursor {
+    int32_t j, l;             /* token index in the tile, absolute layer    */
+    int64_t t, k, v;          /* byte offsets of token j's rows (layer 0)   */
+};
+
+__device__ __forceinline__ void cursor_load(ItemCursor &c, int32_t j,
+                                            int64_t my_t, int64_t my_k,
+                                            int64_t my_v)
+{
+    c.t = __shfl_sync(0xffffffffu, my_t, j);
+    c.k = __shfl_sync(0xffffffffu, my_k, j);
+    c.v = __shfl_sync(0xffffffffu, my_v, j);
+}
 
 /*
  * kToTable: append (caller rows -> pages) when true, read otherwise.
@@ -72,39 +112,69 @@ rows_kernel(const RowsParams p)
          chunk * p.layers_per_warp < p.num_layers; chunk += gridDim.y) {
         const int32_t l_begin = (int32_t)chunk * p.layers_per_warp;
         const int32_t l_end = min(l_begin + p.layers_per_warp, p.num_layers);
+        const int32_t nl = l_end - l_begin;
 
-        for (int64_t tok = warp0; tok < p.nnz; tok += nwarps) {
-            /* Every lane loads the same words: one broadcast request each. */
-            const int32_t b = __ldg(p.batch_indices + tok);
-            const int32_t pos = __ldg(p.positions + tok);
-            const int64_t row = (int64_t)__ldg(p.row_offsets + b) +
-                                (tok - __ldg(p.token_offsets + b));
-            const int64_t page =
-                __ldg(p.kv_indices + __ldg(p.kv_indptr + b) +
-                      (pos >> p.page_shift));
-            /* K row of this token in layer first_layer. */
-            const char *trow = p.table + page * p.page_bytes +
-                               (int64_t)(pos & page_mask) * p.row_bytes;
-            const char *krow = p.k + row * p.k_row_stride;
-            const char *vrow = p.v + row * p.v_row_stride;
+        for (int64_t tile = warp0; tile < p.ntiles; tile += nwarps) {
+            const int64_t t0 = tile * p.tokens_per_warp;
+            const int32_t ntok =
+                (int32_t)min((int64_t)p.tokens_per_warp, p.nnz - t0);
 
-            for (int32_t l = l_begin; l < l_end; l += 2) {
-                const bool two = l + 1 < l_end;
-                /* The four rows: K and V of layer l, then of layer l + 1
-                 * (duplicates of the first two when there is no l + 1;
-                 * they are then neither loaded nor stored). */
-                const int32_t l2 = two ? l + 1 : l;
-                const char *t0 = trow + l * p.layer_bytes;
-                const char *t2 = trow + l2 * p.layer_bytes;
-                const char *u0 = krow + l * p.k_layer_stride;
-                const char *u1 = vrow + l * p.v_layer_stride;
-                const char *u2 = krow + l2 * p.k_layer_stride;
-                const char *u3 = vrow + l2 * p.v_layer_stride;
-                const char *tab[4] = {t0, t0 + p.v_half, t2, t2 + p.v_half};
-                const char *usr[4] = {u0, u1, u2, u3};
+            /* Lane j resolves token t0 + j: the byte offsets of its K row
+             * in the table (layer first_layer) and of its K and V rows in
+             * the caller's tensors (layer 0). */
+            int64_t my_t = 0, my_k = 0, my_v = 0;
+            if (lane < ntok) {
+                const int64_t tok = t0 + lane;
+                const int32_t b = __ldg(p.batch_indices + tok);
+                const int32_t pos = __ldg(p.positions + tok);
+                const int64_t row = (int64_t)__ldg(p.row_offsets + b) +
+                                    (tok - __ldg(p.token_offsets + b));
+                const int64_t page =
+                    __ldg(p.kv_indices + __ldg(p.kv_indptr + b) +
+                          (pos >> p.page_shift));
+                my_t = page * p.page_bytes +
+                       (int64_t)(pos & page_mask) * p.row_bytes;
+                my_k = row * p.k_row_stride;
+                my_v = row * p.v_row_stride;
+            }
+
+            ItemCursor c;
+            c.j = 0;
+            c.l = l_begin;
+            cursor_load(c, 0, my_t, my_k, my_v);
+            const int32_t nitems = ntok * nl;
+
+            for (int32_t q = 0; q < nitems; q += 2) {
+                const bool two = q + 1 < nitems;
+                const char *tab[4], *usr[4];
+
+#pragma unroll
+                for (int u = 0; u < 2; u++) {
+                    /* Item u of the pair (the second repeats the first when
+                     * there is none; it is then neither loaded nor stored). */
+                    const char *t = p.table + c.t + c.l * p.layer_bytes;
+                    tab[2 * u] = t;
+                    tab[2 * u + 1] = t + p.v_half;
+                    usr[2 * u] = p.k + c.k + c.l * p.k_layer_stride;
+                    usr[2 * u + 1] = p.v + c.v + c.l * p.v_layer_stride;
+                    if (u == 0 && !two)
+                        break;
+                    /* Advance: next layer of this token, else next token. */
+                    if (++c.l == l_end) {
+                        c.l = l_begin;
+                        if (++c.j < ntok)
+                            cursor_load(c, c.j, my_t, my_k, my_v);
+                    }
+                }
+                if (!two) {
+                    tab[2] = tab[0];
+                    tab[3] = tab[1];
+                    usr[2] = usr[0];
+                    usr[3] = usr[1];
+                }
+
                 const V *src[4];
                 V *dst[4];
-
 #pragma unroll
                 for (int r = 0; r < 4; r++) {
                     src[r] = (const V *)(kToTable ? usr[r] : tab[r]);
@@ -183,22 +253,39 @@ hkv_status rows_launch(const hkv_rows_args *a, int device, void *stream,
     p.nnz = a->nnz;
 
     /*
-     * Aim for about 64 warps (two full waves at 32 resident warps) per SM.
-     * If the tokens alone give that, one warp takes all layers of a token;
-     * otherwise split the layers into chunks over blockIdx.y.
+     * Geometry.  Aim for HKV_ROWS_WARPS_PER_SM warps per SM (two full
+     * waves at 32 resident warps).
      */
     const int sms = hkv::sm_count(device);
     const int64_t want_warps = (int64_t)sms * HKV_ROWS_WARPS_PER_SM;
-    int64_t chunks = hkv::div_up(want_warps, a->nnz);
-    if (chunks > a->num_layers)
-        chunks = a->num_layers;
-    if (chunks > (int64_t)hkv::kMaxGridY)
-        chunks = hkv::kMaxGridY;
-    p.layers_per_warp = (int32_t)hkv::div_up(a->num_layers, chunks);
-    chunks = hkv::div_up(a->num_layers, p.layers_per_warp);
+    int64_t chunks, tpw;
+    if (HKV_ROWS_SPLIT_LAYERS) {
+        /* One layer per warp (unless the layer count exceeds gridDim.y),
+         * tiles sized for HKV_ROWS_WARP_BYTES, halved while the grid would
+         * not fill the GPU. */
+        p.layers_per_warp =
+            (int32_t)hkv::div_up(a->num_layers, hkv::kMaxGridY);
+        chunks = hkv::div_up(a->num_layers, p.layers_per_warp);
+        tpw = HKV_ROWS_WARP_BYTES / (2 * t->row_bytes);
+        tpw = tpw < 1 ? 1 : (tpw > 32 ? 32 : tpw);
+        while (tpw > 1 && hkv::div_up(a->nnz, tpw) * chunks < want_warps)
+            tpw = (tpw + 1) / 2;
+    } else {
+        /* One token per warp; layers split only when tokens are few. */
+        tpw = 1;
+        chunks = hkv::div_up(want_warps, a->nnz);
+        if (chunks > a->num_layers)
+            chunks = a->num_layers;
+        if (chunks > (int64_t)hkv::kMaxGridY)
+            chunks = hkv::kMaxGridY;
+        p.layers_per_warp = (int32_t)hkv::div_up(a->num_layers, chunks);
+        chunks = hkv::div_up(a->num_layers, p.layers_per_warp);
+    }
+    p.tokens_per_warp = (int32_t)tpw;
+    p.ntiles = hkv::div_up(a->nnz, tpw);
 
-    /* Blocks over tokens; past a few waves the warps loop (grid-stride). */
-    int64_t blocks = hkv::div_up(a->nnz, hkv::kWarpsPerBlock);
+    /* Blocks over tiles; past a few waves the warps loop (grid-stride). */
+    int64_t blocks = hkv::div_up(p.ntiles, hkv::kWarpsPerBlock);
     const int64_t max_blocks = (int64_t)sms * 256;
     if (blocks > max_blocks)
         blocks = max_blocks;

@@ -7,7 +7,8 @@
  * host memory (so AddressSanitizer checks every kernel access), streams
  * and events are synchronous no-ops, and a launch runs every thread of
  * every block as a cooperative fiber (emu.cc), which is enough for the
- * intrinsics these kernels use: __ldg, __shfl_up_sync, __syncthreads.
+ * intrinsics these kernels use: __ldg, __shfl_sync, __shfl_up_sync,
+ * __syncthreads.
  *
  * Launch syntax kernel<<<grid, block, smem, stream>>>(args) is rewritten
  * by translate.py into emu::launch([=] { kernel(args); }, grid, block,
@@ -102,6 +103,7 @@ void launch(std::function<void()> body, dim3 grid, dim3 block,
             size_t smem = 0, cudaStream_t stream = 0);
 void syncthreads();
 uint64_t shfl_up(uint64_t v, unsigned delta);
+uint64_t shfl_idx(uint64_t v, int src_lane);
 
 extern cudaError_t last_error;
 extern int current_device;
@@ -118,6 +120,18 @@ inline T __shfl_up_sync(unsigned mask, T v, unsigned delta)
     (void)mask;
     memcpy(&x, &v, sizeof(T));
     x = emu::shfl_up(x, delta);
+    memcpy(&v, &x, sizeof(T));
+    return v;
+}
+
+template <typename T>
+inline T __shfl_sync(unsigned mask, T v, int src_lane)
+{
+    static_assert(sizeof(T) <= 8, "shfl of at most 8 bytes");
+    uint64_t x = 0;
+    (void)mask;
+    memcpy(&x, &v, sizeof(T));
+    x = emu::shfl_idx(x, src_lane);
     memcpy(&v, &x, sizeof(T));
     return v;
 }

@@ -230,4 +230,14 @@ uint64_t shfl_up(uint64_t v, unsigned delta)
     return r;
 }
 
+uint64_t shfl_idx(uint64_t v, int src_lane)
+{
+    const int t = linear_tid(), w = t / 32, lane = t % 32;
+    slots[w][lane] = v;
+    warp_barrier(w);
+    const uint64_t r = slots[w][src_lane & 31];
+    warp_barrier(w);
+    return r;
+}
+
 }  // namespace emu
