@@ -516,6 +516,7 @@ hkv_status hkv_cache_lookup(hkv_cache *c, int32_t batch, const int64_t *user_ids
                             const int64_t *token_keys, int64_t num_keys,
                             int64_t *cached_lengths, uint64_t *epochs)
 {
+    uint64_t t0 = hkv_now_ns();
     pthread_mutex_lock(&c->lock);
     hkv_status st = check_batch(c, batch, user_ids, history_lengths, token_keys,
                                 num_keys);
@@ -544,6 +545,7 @@ hkv_status hkv_cache_lookup(hkv_cache *c, int32_t batch, const int64_t *user_ids
     c->stats.lookup_users += (uint64_t)batch;
     c->stats.hit_tokens += hit;
     c->stats.missed_tokens += missed;
+    hkv_histogram_observe(&c->stats.lookup_latency, hkv_now_ns() - t0);
 out:
     pthread_mutex_unlock(&c->lock);
     return st;
@@ -652,6 +654,7 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
     if (cached_lengths == NULL || epochs == NULL)
         return hkv_error(HKV_EINVAL, "allocate needs the cached lengths and "
                          "epochs of a lookup");
+    uint64_t t0 = hkv_now_ns();
     pthread_mutex_lock(&c->lock);
     hkv_status st = check_batch(c, batch, user_ids, history_lengths, token_keys,
                                 num_keys);
@@ -820,6 +823,7 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
     }
     if (bt->new_tokens == 0)
         commit_batch(c, bt);
+    hkv_histogram_observe(&c->stats.allocate_latency, hkv_now_ns() - t0);
     *out = bt;
 out:
     pthread_mutex_unlock(&c->lock);

@@ -24,6 +24,7 @@
 
 #include "kernels.h"
 #include "memory.h"
+#include "metrics.h"
 #include "status.h"
 
 typedef enum hkv_device_kind {
@@ -69,6 +70,9 @@ typedef struct hkv_stats {
     int64_t pages_pinned;        /* pages of users in open batches          */
     int64_t users_cached;
     int64_t open_batches;
+    /* latency of the host-side calls */
+    hkv_histogram lookup_latency;
+    hkv_histogram allocate_latency;
 } hkv_stats;
 
 /* A strided tensor as the binding sees it (from DLPack), with strides in

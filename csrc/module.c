@@ -616,6 +616,35 @@ static int put_item(PyObject *d, const char *key, long long value)
     return r;
 }
 
+/* {"buckets": [(upper bound in s, cumulative count), ..., (inf, count)],
+ *  "count": n, "sum": seconds} */
+static int put_histogram(PyObject *d, const char *key, const hkv_histogram *h)
+{
+    PyObject *buckets = PyList_New(HKV_HIST_BUCKETS);
+    if (buckets == NULL)
+        return -1;
+    uint64_t cum = 0;
+    for (int i = 0; i < HKV_HIST_BUCKETS; i++) {
+        cum += h->counts[i];
+        double le = i < HKV_HIST_BUCKETS - 1 ? (double)hkv_hist_bounds_ns[i] * 1e-9
+                                             : Py_HUGE_VAL;
+        PyObject *pair = Py_BuildValue("(dK)", le, (unsigned long long)cum);
+        if (pair == NULL) {
+            Py_DECREF(buckets);
+            return -1;
+        }
+        PyList_SET_ITEM(buckets, i, pair);
+    }
+    PyObject *hist = Py_BuildValue("{sNsKsd}", "buckets", buckets, "count",
+                                   (unsigned long long)h->count, "sum",
+                                   (double)h->sum_ns * 1e-9);
+    if (hist == NULL)
+        return -1;
+    int r = PyDict_SetItemString(d, key, hist);
+    Py_DECREF(hist);
+    return r;
+}
+
 static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
 {
     (void)unused;
@@ -637,6 +666,11 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(users_evicted) ITEM(tokens_appended) ITEM(pages_total) ITEM(pages_free)
     ITEM(pages_used) ITEM(pages_pinned) ITEM(users_cached) ITEM(open_batches)
 #undef ITEM
+    if (put_histogram(d, "lookup_latency", &s.lookup_latency) != 0 ||
+        put_histogram(d, "allocate_latency", &s.allocate_latency) != 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
     return d;
 }
 

@@ -525,6 +525,12 @@ def test_stats_counters():
     assert s["pages_used"] == 4 and s["pages_free"] == 28 and s["pages_total"] == 32
     assert s["tokens_appended"] == 11 * 2
     assert s["users_cached"] == 2 and s["open_batches"] == 0
+    for name in ("lookup_latency", "allocate_latency"):
+        h = s[name]
+        assert h["count"] == 2 and h["sum"] > 0
+        counts = [c for _, c in h["buckets"]]
+        assert counts == sorted(counts) and counts[-1] == 2  # cumulative
+        assert h["buckets"][-1][0] == float("inf")
 
 
 def test_threads_share_one_cache():
