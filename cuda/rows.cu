@@ -16,8 +16,8 @@
  * K+V pair of a 4 x 64 bf16 row is only 1 KiB.  One chain per token per
  * warp left each warp idle most of its life; one chain per tile of tokens
  * spreads it over several KiB of copying.  Tiles are sized on the host
- * (HKV_ROWS_WARP_BYTES of K+V per warp and layer), shrunk when the batch
- * is too small to fill the GPU.
+ * (HKV_ROWS_WARP_BYTES of K+V per warp and layer, two tokens at least),
+ * shrunk when the batch is too small to fill the GPU.
  *
  * Latency hiding inside the copy: items are taken two at a time, i.e.
  * four rows (K and V of both), and all four loads are issued before the
@@ -35,14 +35,27 @@
  *                             the tokens alone fill the GPU (first design).
  *   HKV_ROWS_WARP_BYTES    target K+V bytes per warp and layer: sets the
  *                          tile size (4096 -> 4 tokens of a 512-byte row).
+ *   HKV_ROWS_MIN_TILE      smallest tile while the GPU stays full.
  *   HKV_ROWS_WARPS_PER_SM  warps per SM below which tiles shrink (or, with
  *                          SPLIT_LAYERS 0, layers are split).
+ *
+ * H100, 8 layers x 8 users x 4096 tokens, 4 heads, bf16, fraction of
+ * cudaMemcpy D2D (append / read, page sizes 2..128):
+ *   first design (SPLIT 0):      0.94-0.96 at every head_dim
+ *   tiles of 4096 B:             D=64 0.95-0.96, D=128 0.97-0.98,
+ *                                D=256 append 0.97 but read 0.90-0.93
+ *                                (tile of one token)
+ *   tiles of 8192 B:             D=64 0.95, D=128 0.97, D=256 0.96-0.97
+ * hence 4096 B with at least two tokens per tile.
  */
 #ifndef HKV_ROWS_SPLIT_LAYERS
 #define HKV_ROWS_SPLIT_LAYERS 1
 #endif
 #ifndef HKV_ROWS_WARP_BYTES
 #define HKV_ROWS_WARP_BYTES 4096
+#endif
+#ifndef HKV_ROWS_MIN_TILE
+#define HKV_ROWS_MIN_TILE 2
 #endif
 #ifndef HKV_ROWS_WARPS_PER_SM
 #define HKV_ROWS_WARPS_PER_SM 64
@@ -261,13 +274,14 @@ hkv_status rows_launch(const hkv_rows_args *a, int device, void *stream,
     int64_t chunks, tpw;
     if (HKV_ROWS_SPLIT_LAYERS) {
         /* One layer per warp (unless the layer count exceeds gridDim.y),
-         * tiles sized for HKV_ROWS_WARP_BYTES, halved while the grid would
-         * not fill the GPU. */
+         * tiles sized for HKV_ROWS_WARP_BYTES but of two tokens at least,
+         * halved (down to one token) while the grid would not fill the
+         * GPU. */
         p.layers_per_warp =
             (int32_t)hkv::div_up(a->num_layers, hkv::kMaxGridY);
         chunks = hkv::div_up(a->num_layers, p.layers_per_warp);
         tpw = HKV_ROWS_WARP_BYTES / (2 * t->row_bytes);
-        tpw = tpw < 1 ? 1 : (tpw > 32 ? 32 : tpw);
+        tpw = tpw < HKV_ROWS_MIN_TILE ? HKV_ROWS_MIN_TILE : (tpw > 32 ? 32 : tpw);
         while (tpw > 1 && hkv::div_up(a->nnz, tpw) * chunks < want_warps)
             tpw = (tpw + 1) / 2;
     } else {
