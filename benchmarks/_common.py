@@ -81,3 +81,16 @@ def _fmt(x: Any) -> str:
     if isinstance(x, float):
         return f"{x:.3g}" if abs(x) < 1000 else f"{x:.0f}"
     return str(x)
+
+
+def gpu_tag() -> str:
+    """Short name of the GPU for result files: 'h100', 'h200', else 'gpu'."""
+    try:
+        import torch
+        name = torch.cuda.get_device_name().lower()
+    except Exception:
+        return "gpu"
+    for tag in ("h100", "h200", "b200", "a100", "l20", "l40"):
+        if tag in name:
+            return tag
+    return "gpu"

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import gpu_tag, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -106,7 +106,7 @@ def main():
     print(f"\nreference HSTU model, 8 layers, d_model 1024, 4x256 heads, bf16, {HISTORY} history "
           f"({HISTORY - NEW} cached), {CANDIDATES} candidates; GPU tier only\n")
     print(table(["batch", "no cache ms", "cache ms", "speedup", "cached/user", "max |diff|"], rows))
-    path = write_results("e2e_" + torch.cuda.get_device_name().split()[-1].lower(), {
+    path = write_results("e2e_" + gpu_tag(), {
         "workload": {"layers": 8, "d_model": 1024, "heads": 4, "head_dim": 256,
                      "dtype": "bfloat16", "history": HISTORY, "cached": HISTORY - NEW,
                      "candidates": CANDIDATES, "repeat": args.repeat, "tier": "gpu"},

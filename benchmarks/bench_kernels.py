@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import gpu_tag, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -169,7 +169,7 @@ def main():
     print(f"\nGB/s (fraction of the device copy bandwidth), {LAYERS} layers x batch {BATCH} "
           f"x {TOKENS} tokens, {HEADS} heads, bf16; bytes = read + written\n")
     print(table(["page", "head_dim", "copy"] + [o.replace("torch_", "pt_") for o in ops], rows))
-    name = "kernels_" + torch.cuda.get_device_name().split()[-1].lower().replace("-", "")
+    name = "kernels_" + gpu_tag()
     path = write_results(name, {
         "workload": {"layers": LAYERS, "batch": BATCH, "tokens_per_user": TOKENS,
                      "heads": HEADS, "dtype": "bfloat16", "iters": iters},

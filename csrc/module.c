@@ -651,7 +651,7 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     if (!cache_ready(self))
         return NULL;
     hkv_stats s;
-    hkv_cache_stats(self->cache, &s);
+    WITHOUT_GIL(self, hkv_cache_stats(self->cache, &s));
     PyObject *d = PyDict_New();
     if (d == NULL)
         return NULL;
