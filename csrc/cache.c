@@ -168,6 +168,10 @@ static hkv_status check_batch(hkv_cache *c, int32_t batch, const int64_t *user_i
                              (long long)cfg->max_seq_len);
         total += lengths[b];
     }
+    /* offsets of the batch's tokens are int32 */
+    if (total > INT32_MAX)
+        return hkv_error(HKV_EINVAL, "the batch holds %lld history tokens, more than "
+                         "2^31-1; split it", (long long)total);
     /* duplicates: an open-addressing set stamped per call, no clearing */
     if (++c->stamp == 0) {
         memset(c->dup_stamp, 0, (size_t)(c->dup_mask + 1) * sizeof *c->dup_stamp);
@@ -342,6 +346,22 @@ static hkv_status check_config(const hkv_config *cfg)
     if (cfg->max_open_batches < 0 || cfg->max_open_batches > MAX_OPEN_BATCHES)
         return hkv_error(HKV_EINVAL, "max_open_batches must be in 0..%d",
                          MAX_OPEN_BATCHES);
+    /* Sizes must not overflow: a wrapped table size would allocate a tiny
+     * table that every append then overruns. */
+    if ((int64_t)cfg->num_pages + cfg->max_batch_size > (1LL << 29))
+        return hkv_error(HKV_EINVAL, "num_pages + max_batch_size must not exceed "
+                         "2^29, got %d + %d", (int)cfg->num_pages,
+                         (int)cfg->max_batch_size);
+    uint64_t row, page, layer, table;
+    if (__builtin_mul_overflow((uint64_t)cfg->num_heads, (uint64_t)cfg->head_dim, &row) ||
+        __builtin_mul_overflow(row, (uint64_t)cfg->dtype_bits / 8, &row) ||
+        __builtin_mul_overflow(row, 2ull * (uint64_t)cfg->page_size, &page) ||
+        __builtin_mul_overflow(page, (uint64_t)cfg->num_pages, &layer) ||
+        __builtin_mul_overflow(layer, (uint64_t)cfg->num_layers, &table) ||
+        table > ((uint64_t)1 << 62))
+        return hkv_error(HKV_EINVAL, "the page table would not fit in memory: "
+                         "num_layers x num_pages x 2 x page_size x num_heads x "
+                         "head_dim x element size overflows");
     return HKV_OK;
 }
 

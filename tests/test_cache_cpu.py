@@ -588,3 +588,10 @@ def test_gather_and_scatter_pages():
     with pytest.raises(InvalidArgumentError, match="staging"):
         cache.scatter_pages(ids, new[:, :2])
     assert torch.equal(cache.gather_pages(ids[:0]), table[:, []])
+
+
+def test_impossible_sizes_are_rejected_before_allocation():
+    with pytest.raises(InvalidArgumentError, match="overflows"):
+        make(num_heads=2**20, head_dim=2**20, num_pages=1024, page_size=256)
+    with pytest.raises(InvalidArgumentError, match="2\\^29"):
+        make(num_pages=2**29)

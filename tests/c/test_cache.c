@@ -1467,22 +1467,13 @@ static void test_cache_create_enomem(void)
     CHECK(hkv_last_error()[0] != '\0');
 }
 
-#ifdef HKV_KNOWN_BUGS
 /*
- * KNOWN BUG (cache.c, hkv_cache_create): the table size is computed
- * without overflow checks,
- *     row_bytes   = num_heads * head_dim * element size        (int64)
- *     table_bytes = (size_t)num_layers * hkv_layer_bytes(...)  (size_t)
- * and check_config bounds neither num_heads nor head_dim.  Here the true
- * size is 8 layers x 1024 pages x 2 x 256 tokens x 2^40 elements x 4 bytes
- * = 2^71 bytes, which wraps to 0: the cache is created "successfully" with
- * a 256-byte table, and the first append writes 2^42-byte rows through it
- * (a heap overflow).  With slightly larger values the int64 products
- * themselves overflow (undefined behaviour).  The Python config does not
- * bound num_heads / head_dim either.
- * Expected: HKV_EINVAL (or HKV_ENOMEM), never HKV_OK.
+ * Regression (found by this suite): the table size used to be computed
+ * without overflow checks, so 8 layers x 1024 pages x 2 x 256 tokens x 2^40
+ * elements x 4 bytes = 2^71 bytes wrapped to 0 and a 256-byte table was
+ * "successfully" created, which the first append overran.  It must fail.
  */
-static void test_known_bug_table_size_overflow(void)
+static void test_table_size_overflow(void)
 {
     hkv_config cfg = cfg_small(8, 256, 1024, 1, 256);
     cfg.num_heads = 1 << 20;
@@ -1500,7 +1491,7 @@ static void test_known_bug_table_size_overflow(void)
     }
     CHECK(st == HKV_EINVAL || st == HKV_ENOMEM);
 }
-#endif
+
 
 /*
  * Page transfers through the cache (the building block of offload and
@@ -1781,7 +1772,5 @@ void run_cache_tests(void)
     RUN(test_cache_copy_pages);
     RUN(test_cache_latency_histograms);
     RUN(test_cache_threads);
-#ifdef HKV_KNOWN_BUGS
-    RUN(test_known_bug_table_size_overflow);
-#endif
+    RUN(test_table_size_overflow);
 }
