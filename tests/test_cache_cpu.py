@@ -592,6 +592,8 @@ def test_gather_and_scatter_pages():
 
 def test_impossible_sizes_are_rejected_before_allocation():
     with pytest.raises(InvalidArgumentError, match="overflows"):
-        make(num_heads=2**20, head_dim=2**20, num_pages=1024, page_size=256)
+        make(num_layers=8, num_heads=2**20, head_dim=2**20, num_pages=1024, page_size=256)
+    with pytest.raises(hk.OutOfMemoryError, match="host memory"):  # no overflow, too big
+        make(num_layers=1, num_heads=2**20, head_dim=2**20, num_pages=1024, page_size=256)
     with pytest.raises(InvalidArgumentError, match="2\\^29"):
         make(num_pages=2**29)
