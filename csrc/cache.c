@@ -392,7 +392,8 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
                              "support; use device='cpu' or reinstall with nvcc");
         if (cfg.device_index < 0 || cfg.device_index >= count)
             return hkv_error(HKV_ENODEV, "CUDA device %d not available (%d "
-                             "device(s) found)", (int)cfg.device_index, count);
+                             "device(s) found); use device='cpu' on this machine",
+                             (int)cfg.device_index, count);
     }
 
     hkv_cache *c = calloc(1, sizeof *c);
