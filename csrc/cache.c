@@ -17,8 +17,10 @@
 #include <string.h>
 
 #include "cuda_rt.h"
+#include "host_tier.h"
 #include "page_pool.h"
 #include "token_filter.h"
+#include "transfer.h"
 #include "user_index.h"
 
 #define DEFAULT_OPEN_BATCHES 8
@@ -32,6 +34,7 @@ struct hkv_batch {
     hkv_buffer *device;      /* device copy on CUDA, NULL on CPU           */
     void *event;             /* CUDA: recorded when the batch is freed     */
     int device_index;        /* of the event and buffers                   */
+    int32_t num_layers;
     void *stream;            /* stream the batch's work was queued on      */
     int32_t *user_slots;     /* [max_batch_size]; -1 for an empty history  */
     uint8_t *fills;          /* [max_batch_size]; 1 if this batch writes    */
@@ -43,6 +46,8 @@ struct hkv_batch {
     int64_t new_tokens;
     int64_t num_rows;
     int32_t has_candidates;
+    int32_t onboarded;       /* layer_events were recorded                 */
+    void **layer_events;     /* CUDA: [num_layers], onboard per layer      */
     int32_t state;
     int32_t in_use;          /* handed out and not yet freed               */
     int32_t event_pending;   /* event recorded at free, not yet seen done   */
@@ -56,6 +61,12 @@ struct hkv_cache {
     hkv_page_pool pool;
     hkv_user_index users;
     hkv_token_filter filter;
+    hkv_host_tier host;              /* num_pages == 0: no host tier       */
+    hkv_xfer xfer;
+    int32_t *xfer_a;                 /* page id scratch of one transfer    */
+    int32_t *xfer_b;
+    int32_t reuse_wait;              /* a page still read by a copy was
+                                        reallocated in this call          */
     hkv_stats stats;
     int64_t pinned_pages;            /* pages of users with pins > 0       */
     int64_t meta_offsets[HKV_META_NUM_FIELDS];
@@ -72,7 +83,10 @@ struct hkv_cache {
     int32_t *scratch_slot;
     int64_t *scratch_keep;
     int64_t *scratch_need;
+    int64_t *scratch_onb;            /* end of the pages to onboard        */
     uint8_t *scratch_trunc;
+    int32_t *onb_host;               /* onboard pairs of one allocate      */
+    int32_t *onb_gpu;
 };
 
 /* ------------------------------------------------------------------ */
@@ -94,49 +108,169 @@ static int64_t pages_for(const hkv_cache *c, int64_t tokens)
     return hkv_div_up(tokens, c->cfg.page_size);
 }
 
-/* Free the user's tail pages until `keep` remain.  Keeps the pinned-page
- * count right for pinned users. */
-static void drop_tail_pages(hkv_cache *c, hkv_user *u, int64_t keep)
+static int has_host(const hkv_cache *c)
 {
-    while (u->num_pages > keep) {
-        int32_t page = hkv_user_pop_page(&c->pool, u);
-        hkv_page_release(&c->pool, page);
-        if (u->pins > 0)
-            c->pinned_pages--;
-    }
+    return c->host.num_pages > 0;
 }
 
 /*
- * Take one page from the least recently used user that is not pinned,
- * tail first so the user keeps a usable prefix.  Returns 0 if nothing can
- * be evicted.
+ * After a tier lost pages: the cached tokens are what the tiers still cover
+ * (each tier holds a prefix of the user's pages, host pages are full).
  */
-static int evict_one_page(hkv_cache *c)
+static void fix_length(hkv_cache *c, hkv_user *u)
+{
+    int64_t pages = u->num_pages > u->host_pages ? u->num_pages : u->host_pages;
+    int64_t cover = pages * c->cfg.page_size;
+    if (u->length > cover) {
+        u->length = cover;
+        hkv_user_new_epoch(&c->users, u);
+    }
+    if (!u->filling)
+        u->reserved = u->length;
+    else if (u->reserved > cover)
+        u->reserved = cover;
+}
+
+/* Drop the user's GPU tail page.  A page still read by a copy keeps its
+ * pin count; whoever gets it next waits for the copies (reuse_wait). */
+static void drop_gpu_tail(hkv_cache *c, hkv_user *u)
+{
+    int32_t page = hkv_user_pop_page(&c->pool, u);
+    hkv_page_release(&c->pool, page);
+    if (u->pins > 0)
+        c->pinned_pages--;
+}
+
+/* Free the user's GPU tail pages until `keep` remain. */
+static void drop_tail_pages(hkv_cache *c, hkv_user *u, int64_t keep)
+{
+    while (u->num_pages > keep)
+        drop_gpu_tail(c, u);
+}
+
+static void drop_host_tail(hkv_cache *c, hkv_user *u)
+{
+    hkv_host_release(&c->host, hkv_host_pop(&c->host, u));
+}
+
+/* Remove a user that no tier holds any more (and no batch pins). */
+static void maybe_remove(hkv_cache *c, int32_t slot)
+{
+    hkv_user *u = &c->users.users[slot];
+    if (u->num_pages == 0 && u->host_pages == 0 && u->pins == 0) {
+        hkv_user_remove(&c->users, slot);
+        c->stats.users_evicted++;
+    }
+}
+
+/* Take the least recently used host tail page of a user that is not
+ * pinned (and not `exclude`), unless a copy reads it.  0 if none. */
+static int evict_one_host_page(hkv_cache *c, int32_t exclude)
 {
     hkv_user_index *ix = &c->users;
     for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
          slot = ix->users[slot].lru_next) {
         hkv_user *u = &ix->users[slot];
-        if (u->pins > 0 || u->num_pages == 0)
+        if (slot == exclude || u->pins > 0 || u->host_pages == 0 ||
+            c->host.pages[u->host_tail].pins > 0)
             continue;
-        if (c->pool.pages[u->tail_page].pins > 0)
-            continue;  /* a transfer uses the tail: tail-first forbids more */
-        int32_t page = hkv_user_pop_page(&c->pool, u);
-        hkv_page_release(&c->pool, page);
-        c->stats.pages_evicted++;
-        int64_t keep_tokens = (int64_t)u->num_pages * c->cfg.page_size;
-        if (u->length > keep_tokens)
-            u->length = keep_tokens;
-        if (u->reserved > keep_tokens)
-            u->reserved = keep_tokens;
-        hkv_user_new_epoch(ix, u);
-        if (u->num_pages == 0) {
-            hkv_user_remove(ix, slot);
-            c->stats.users_evicted++;
-        }
+        drop_host_tail(c, u);
+        fix_length(c, u);
+        c->stats.host_pages_evicted++;
+        maybe_remove(c, slot);
         return 1;
     }
     return 0;
+}
+
+/*
+ * Copy the user's full GPU pages that have no host copy yet to the host
+ * tier (evicting other users' host pages as needed), as one transfer.
+ * Stops early when the host tier cannot make room.  Returns the pages
+ * copied.  The caller has marked its stream (hkv_xfer_begin).
+ */
+static int64_t offload_user(hkv_cache *c, int32_t slot, hkv_status *st)
+{
+    hkv_user *u = &c->users.users[slot];
+    const int32_t ps = c->cfg.page_size;
+    int64_t full = (u->length < (int64_t)u->num_pages * ps ? u->length
+                                                            : (int64_t)u->num_pages * ps) / ps;
+    int64_t n = 0;
+    *st = HKV_OK;
+    if (!has_host(c) || full <= u->host_pages)
+        return 0;
+    int32_t page = u->head_page;
+    for (int64_t i = 0; i < u->host_pages; i++)
+        page = c->pool.pages[page].next;
+    for (int64_t i = u->host_pages; i < full; i++, page = c->pool.pages[page].next) {
+        int32_t hp = hkv_host_alloc(&c->host, slot);
+        while (hp == HKV_NO_PAGE && evict_one_host_page(c, slot))
+            hp = hkv_host_alloc(&c->host, slot);
+        if (hp == HKV_NO_PAGE)
+            break;
+        c->xfer_a[n] = page;
+        c->xfer_b[n] = hp;
+        hkv_filter_copy_page(&c->filter, page, &c->host.keys, hp);
+        n++;
+    }
+    if (n == 0)
+        return 0;
+    *st = hkv_xfer_offload(&c->xfer, c->pool.pages, &c->table, &c->host, c->xfer_a,
+                           c->xfer_b, n, 1, NULL);
+    if (*st != HKV_OK) {
+        for (int64_t i = 0; i < n; i++)
+            hkv_host_release(&c->host, c->xfer_b[i]);
+        return 0;
+    }
+    for (int64_t i = 0; i < n; i++)
+        hkv_host_push(&c->host, u, c->xfer_b[i]);
+    return n;
+}
+
+/*
+ * Free one GPU page, taken from the least recently used user that is not
+ * pinned, tail first so the user keeps a usable prefix.  Preferred: a tail
+ * page that already has a host copy (nothing is lost, nothing to copy).
+ * Else the user's full pages are written back to the host tier first (when
+ * there is one).  Returns 0 if nothing can be evicted.
+ */
+static int evict_one_page(hkv_cache *c)
+{
+    hkv_user_index *ix = &c->users;
+    int32_t victim = HKV_NO_USER;
+    for (int pass = 0; pass < 2 && victim == HKV_NO_USER; pass++)
+        for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
+             slot = ix->users[slot].lru_next) {
+            hkv_user *u = &ix->users[slot];
+            if (u->pins > 0 || u->num_pages == 0 || u->num_pages > u->host_pages)
+                continue;
+            /* first pass: tails no copy reads, so no wait for anyone */
+            if (pass == 0 && c->pool.pages[u->tail_page].pins > 0)
+                continue;
+            victim = slot;
+            break;
+        }
+    if (victim == HKV_NO_USER) {
+        for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
+             slot = ix->users[slot].lru_next) {
+            hkv_user *u = &ix->users[slot];
+            if (u->pins > 0 || u->num_pages == 0)
+                continue;
+            hkv_status st;
+            int64_t n = offload_user(c, slot, &st);
+            c->stats.writeback_pages += (uint64_t)n;
+            victim = slot;
+            break;
+        }
+    }
+    if (victim == HKV_NO_USER)
+        return 0;
+    hkv_user *u = &ix->users[victim];
+    drop_gpu_tail(c, u);
+    c->stats.pages_evicted++;
+    fix_length(c, u);
+    maybe_remove(c, victim);
+    return 1;
 }
 
 /*
@@ -210,6 +344,10 @@ static hkv_status check_batch(hkv_cache *c, int32_t batch, const int64_t *user_i
 
 static void block_destroy(hkv_batch *b)
 {
+    for (int32_t l = 0; b->layer_events != NULL && l < b->num_layers; l++)
+        if (b->layer_events[l] != NULL)
+            (void)hkv_cuda_event_destroy(b->device_index, b->layer_events[l]);
+    free(b->layer_events);
     if (b->event != NULL) {
         if (b->event_pending)
             (void)hkv_cuda_event_sync(b->device_index, b->event);
@@ -231,6 +369,7 @@ static hkv_status block_create(hkv_cache *c, hkv_batch **out)
         return hkv_error(HKV_ENOMEM, "out of host memory");
     b->cache = c;
     b->device_index = cfg->device_index;
+    b->num_layers = cfg->num_layers;
     b->user_slots = malloc((size_t)cfg->max_batch_size * sizeof *b->user_slots + 1);
     b->fills = malloc((size_t)cfg->max_batch_size + 1);
     b->layer_done = malloc((size_t)cfg->num_layers);
@@ -245,6 +384,13 @@ static hkv_status block_create(hkv_cache *c, hkv_batch **out)
         st = hkv_buffer_new(HKV_MEM_DEVICE, cfg->device_index, bytes, &b->device);
     if (st == HKV_OK && is_cuda(c))
         st = hkv_cuda_event_create(cfg->device_index, &b->event);
+    if (st == HKV_OK && is_cuda(c) && has_host(c)) {
+        b->layer_events = calloc((size_t)cfg->num_layers, sizeof *b->layer_events);
+        if (b->layer_events == NULL)
+            st = hkv_error(HKV_ENOMEM, "out of host memory");
+        for (int32_t l = 0; st == HKV_OK && l < cfg->num_layers; l++)
+            st = hkv_cuda_event_create(cfg->device_index, &b->layer_events[l]);
+    }
     if (st != HKV_OK) {
         block_destroy(b);
         return st;
@@ -348,15 +494,22 @@ static hkv_status check_config(const hkv_config *cfg)
                          MAX_OPEN_BATCHES);
     /* Sizes must not overflow: a wrapped table size would allocate a tiny
      * table that every append then overruns. */
-    if ((int64_t)cfg->num_pages + cfg->max_batch_size > (1LL << 29))
-        return hkv_error(HKV_EINVAL, "num_pages + max_batch_size must not exceed "
-                         "2^29, got %d + %d", (int)cfg->num_pages,
-                         (int)cfg->max_batch_size);
+    if (cfg->host_pages < 0)
+        return hkv_error(HKV_EINVAL, "host_pages must not be negative");
+    if (cfg->offload_mode != HKV_OFFLOAD_LAZY && cfg->offload_mode != HKV_OFFLOAD_EAGER)
+        return hkv_error(HKV_EINVAL, "offload_mode must be lazy (0) or eager (1)");
+    if ((int64_t)cfg->num_pages + cfg->host_pages + cfg->max_batch_size > (1LL << 29))
+        return hkv_error(HKV_EINVAL, "num_pages + host_pages + max_batch_size must "
+                         "not exceed 2^29, got %d + %d + %d", (int)cfg->num_pages,
+                         (int)cfg->host_pages, (int)cfg->max_batch_size);
     uint64_t row, page, layer, table;
     if (__builtin_mul_overflow((uint64_t)cfg->num_heads, (uint64_t)cfg->head_dim, &row) ||
         __builtin_mul_overflow(row, (uint64_t)cfg->dtype_bits / 8, &row) ||
         __builtin_mul_overflow(row, 2ull * (uint64_t)cfg->page_size, &page) ||
         __builtin_mul_overflow(page, (uint64_t)cfg->num_pages, &layer) ||
+        __builtin_mul_overflow(layer, (uint64_t)cfg->num_layers, &table) ||
+        table > ((uint64_t)1 << 62) ||
+        __builtin_mul_overflow(page, (uint64_t)cfg->host_pages, &layer) ||
         __builtin_mul_overflow(layer, (uint64_t)cfg->num_layers, &table) ||
         table > ((uint64_t)1 << 62))
         return hkv_error(HKV_EINVAL, "the page table would not fit in memory: "
@@ -447,26 +600,49 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
     c->scratch_keep = malloc((size_t)bsz * sizeof *c->scratch_keep);
     c->scratch_need = malloc((size_t)bsz * sizeof *c->scratch_need);
     c->scratch_trunc = malloc((size_t)bsz);
+    c->scratch_onb = malloc((size_t)bsz * sizeof *c->scratch_onb);
+    c->onb_host = malloc((size_t)max_pages * sizeof *c->onb_host);
+    c->onb_gpu = malloc((size_t)max_pages * sizeof *c->onb_gpu);
     c->blocks = calloc((size_t)c->max_blocks, sizeof *c->blocks);
     if (c->dup_ids == NULL || c->dup_stamp == NULL || c->scratch_slot == NULL ||
         c->scratch_keep == NULL || c->scratch_need == NULL ||
-        c->scratch_trunc == NULL || c->blocks == NULL) {
+        c->scratch_trunc == NULL || c->blocks == NULL || c->scratch_onb == NULL ||
+        c->onb_host == NULL || c->onb_gpu == NULL) {
         st = hkv_error(HKV_ENOMEM, "out of host memory");
         goto fail;
     }
     st = hkv_page_pool_init(&c->pool, cfg.num_pages);
     if (st == HKV_OK)
-        st = hkv_user_index_init(&c->users, cfg.num_pages + cfg.max_batch_size);
+        st = hkv_user_index_init(&c->users, cfg.num_pages + cfg.host_pages +
+                                            cfg.max_batch_size);
     if (st == HKV_OK)
         st = hkv_token_filter_init(&c->filter, cfg.num_pages, cfg.page_size,
                                    cfg.verify_tokens);
     if (st == HKV_OK)
         st = hkv_buffer_new(is_cuda(c) ? HKV_MEM_DEVICE : HKV_MEM_HOST,
                             cfg.device_index, table_bytes, &c->table_buf);
+    if (st == HKV_OK)
+        st = hkv_host_tier_init(&c->host, cfg.host_pages,
+                                (size_t)cfg.host_pages * (size_t)hkv_page_bytes(&c->table) *
+                                    (size_t)cfg.num_layers,
+                                is_cuda(c) ? HKV_MEM_PINNED : HKV_MEM_HOST,
+                                cfg.device_index, cfg.page_size, cfg.verify_tokens);
+    if (st == HKV_OK && cfg.host_pages > 0) {
+        /* one transfer moves at most a batch's or a whole user's pages */
+        int64_t per_user = hkv_div_up(cfg.max_seq_len, cfg.page_size);
+        int64_t most = max_pages > per_user ? max_pages : per_user;
+        c->xfer_a = malloc((size_t)most * sizeof *c->xfer_a);
+        c->xfer_b = malloc((size_t)most * sizeof *c->xfer_b);
+        if (c->xfer_a == NULL || c->xfer_b == NULL)
+            st = hkv_error(HKV_ENOMEM, "out of host memory");
+        if (st == HKV_OK)
+            st = hkv_xfer_init(&c->xfer, is_cuda(c), cfg.device_index, 4 * most + 64);
+    }
     if (st != HKV_OK)
         goto fail;
     c->table.base = c->table_buf->ptr;
     c->stats.pages_total = cfg.num_pages;
+    c->stats.host_pages_total = cfg.host_pages;
     *out = c;
     return HKV_OK;
 
@@ -488,6 +664,11 @@ void hkv_cache_destroy(hkv_cache *c)
         block_destroy(b);
     }
     free(c->blocks);
+    /* Transfers may still read or write both tables: wait for them first. */
+    hkv_xfer_destroy(&c->xfer);
+    hkv_host_tier_free_all(&c->host);
+    free(c->xfer_a);
+    free(c->xfer_b);
     hkv_buffer_unref(c->table_buf);
     hkv_token_filter_free_all(&c->filter);
     hkv_user_index_free_all(&c->users);
@@ -498,6 +679,9 @@ void hkv_cache_destroy(hkv_cache *c)
     free(c->scratch_keep);
     free(c->scratch_need);
     free(c->scratch_trunc);
+    free(c->scratch_onb);
+    free(c->onb_host);
+    free(c->onb_gpu);
     pthread_mutex_destroy(&c->lock);
     free(c);
 }
@@ -527,8 +711,16 @@ static int64_t cached_prefix(hkv_cache *c, const hkv_user *u, int64_t length,
                              const int64_t *keys)
 {
     int64_t n = u->length < length ? u->length : length;
-    if (c->cfg.verify_tokens && n > 0)
-        n = hkv_filter_match(&c->filter, &c->pool, u, keys, n);
+    if (c->cfg.verify_tokens && n > 0) {
+        /* each tier holds a prefix: the longer matching one counts */
+        const int64_t ps = c->cfg.page_size;
+        int64_t g = (int64_t)u->num_pages * ps < n ? (int64_t)u->num_pages * ps : n;
+        int64_t h = (int64_t)u->host_pages * ps < n ? (int64_t)u->host_pages * ps : n;
+        g = hkv_filter_match(&c->filter, c->pool.pages, u->head_page, keys, g);
+        if (h > g)
+            h = hkv_filter_match(&c->host.keys, c->host.pages, u->host_head, keys, h);
+        n = g > h ? g : h;
+    }
     return n;
 }
 
@@ -650,8 +842,17 @@ static hkv_status publish_metadata(hkv_cache *c, hkv_batch *bt, void *stream)
     return hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
 }
 
-static void commit_batch(hkv_cache *c, hkv_batch *bt)
+/*
+ * Every layer was written: the batch's tokens count as cached.  In eager
+ * mode their full pages are copied to the host tier right away (after the
+ * appends queued on `stream`), so a later eviction drops them for free.
+ * An offload that cannot be queued is counted, never fatal: the pages stay
+ * on the GPU and are written back at eviction instead.
+ */
+static void commit_batch(hkv_cache *c, hkv_batch *bt, void *stream)
 {
+    int eager = has_host(c) && c->cfg.offload_mode == HKV_OFFLOAD_EAGER &&
+                hkv_xfer_begin(&c->xfer, stream) == HKV_OK;
     for (int32_t b = 0; b < bt->batch_size; b++) {
         if (!bt->fills[b])
             continue;
@@ -659,6 +860,12 @@ static void commit_batch(hkv_cache *c, hkv_batch *bt)
         u->length = u->reserved;
         u->filling = 0;
         bt->fills[b] = 0;
+        if (eager) {
+            hkv_status st;
+            offload_user(c, bt->user_slots[b], &st);
+            if (st != HKV_OK)
+                c->stats.transfers_failed++;
+        }
     }
     bt->state = BATCH_COMMITTED;
     c->stats.batches_committed++;
@@ -679,6 +886,8 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
     pthread_mutex_lock(&c->lock);
     hkv_status st = check_batch(c, batch, user_ids, history_lengths, token_keys,
                                 num_keys);
+    if (st == HKV_OK && has_host(c))
+        st = hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
     if (st != HKV_OK)
         goto out;
 
@@ -731,11 +940,30 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
                 goto out;
             }
         }
+        /* GPU pages: keep a prefix, onboard what only the host holds of the
+         * cached part, add pages for the new tokens. */
         int64_t old_pages = u ? u->num_pages : 0;
-        int64_t keep = n > 0 ? pages_for(c, cl) : old_pages;
-        int64_t target = n > 0 ? pages_for(c, len) : old_pages;
+        int64_t keep, target, onb;
+        if (n > 0) {
+            keep = truncate && pages_for(c, cl) < old_pages ? pages_for(c, cl) : old_pages;
+            target = pages_for(c, len);
+            onb = pages_for(c, cl);
+        } else {
+            keep = old_pages;
+            onb = pages_for(c, len);
+            target = onb > old_pages ? onb : old_pages;
+        }
+        if (onb < keep)
+            onb = keep;
+        if (onb > keep && (u == NULL || onb > u->host_pages)) {
+            st = hkv_error(HKV_ESTATE, "internal: user %lld has %lld cached tokens but "
+                           "neither tier holds page %lld", (long long)user_ids[b],
+                           (long long)cl, (long long)keep);
+            goto out;
+        }
         c->scratch_slot[b] = slot;
         c->scratch_keep[b] = keep;
+        c->scratch_onb[b] = onb;
         c->scratch_need[b] = target - keep;
         c->scratch_trunc[b] = (uint8_t)truncate;
         need += target - keep;
@@ -768,6 +996,8 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
     }
     hkv_batch *bt = NULL;
     st = block_acquire(c, &bt);
+    if (st == HKV_OK && has_host(c))
+        st = hkv_xfer_begin(&c->xfer, stream);  /* order copies after the caller */
     if (st != HKV_OK)
         goto out;
 
@@ -797,24 +1027,41 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
             u->length = u->reserved = cached_lengths[b];
         }
     }
-    /* Pass 3: pages for the new tokens, evicting as needed. */
-    int64_t key_off = 0;
+    /* Pass 3: GPU pages for what is onboarded and for the new tokens,
+     * evicting as needed. */
+    int64_t key_off = 0, onb_count = 0;
+    c->reuse_wait = 0;
     for (int32_t b = 0; b < batch; b++) {
         int32_t slot = bt->user_slots[b];
         int64_t n = history_lengths[b] - cached_lengths[b];
         bt->fills[b] = 0;
-        if (slot != HKV_NO_USER && n > 0) {
-            hkv_user *u = &c->users.users[slot];
-            for (int64_t i = 0; i < c->scratch_need[b]; i++) {
-                int32_t page = hkv_page_alloc(&c->pool, slot);
-                if (page == HKV_NO_PAGE) {
-                    evict_one_page(c);
-                    page = hkv_page_alloc(&c->pool, slot);
-                }
-                hkv_user_push_page(&c->pool, u, page);
-                c->pinned_pages++;
-                c->stats.pages_allocated++;
+        if (slot == HKV_NO_USER) {
+            key_off += history_lengths[b];
+            continue;
+        }
+        hkv_user *u = &c->users.users[slot];
+        int32_t host_page = c->scratch_onb[b] > c->scratch_keep[b]
+                                ? hkv_host_page_at(&c->host, u, c->scratch_keep[b])
+                                : HKV_NO_PAGE;
+        for (int64_t i = 0; i < c->scratch_need[b]; i++) {
+            int32_t page = hkv_page_alloc(&c->pool, slot);
+            if (page == HKV_NO_PAGE) {
+                evict_one_page(c);
+                page = hkv_page_alloc(&c->pool, slot);
             }
+            if (c->pool.pages[page].pins > 0)
+                c->reuse_wait = 1;  /* a copy still reads its old content */
+            hkv_user_push_page(&c->pool, u, page);
+            c->pinned_pages++;
+            c->stats.pages_allocated++;
+            if (c->scratch_keep[b] + i < c->scratch_onb[b]) {
+                c->onb_host[onb_count] = host_page;
+                c->onb_gpu[onb_count++] = page;
+                hkv_filter_copy_page(&c->host.keys, host_page, &c->filter, page);
+                host_page = c->host.pages[host_page].next;
+            }
+        }
+        if (n > 0) {
             u->reserved = history_lengths[b];
             u->filling = 1;
             bt->fills[b] = 1;
@@ -824,7 +1071,59 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
         }
         key_off += history_lengths[b];
     }
+    /* Pass 4: onboard, layer by layer; then drop rewritten host tails (a
+     * page the onboard still reads stays until the copy is done). */
+    bt->onboarded = 0;
     bt->batch_size = batch;
+    if (onb_count > 0) {
+        st = hkv_xfer_onboard(&c->xfer, c->pool.pages, &c->table, &c->host, c->onb_host,
+                              c->onb_gpu, onb_count, bt->layer_events);
+        if (st != HKV_OK) {
+            /* The pages meant for the copy hold nothing valid: drop them. */
+            for (int32_t b = 0; b < batch; b++) {
+                int32_t slot = bt->user_slots[b];
+                if (slot == HKV_NO_USER)
+                    continue;
+                hkv_user *u = &c->users.users[slot];
+                drop_tail_pages(c, u, c->scratch_keep[b]);
+                if (bt->fills[b]) {
+                    u->filling = 0;
+                    bt->fills[b] = 0;
+                }
+                fix_length(c, u);
+            }
+            bt->in_use = 1;
+            bt->state = BATCH_OPEN;
+            c->stats.open_batches++;
+            pthread_mutex_unlock(&c->lock);
+            hkv_batch_free(bt);
+            return st;
+        }
+        bt->onboarded = is_cuda(c);
+    }
+    for (int32_t b = 0; b < batch; b++) {
+        int32_t slot = bt->user_slots[b];
+        if (slot == HKV_NO_USER || !c->scratch_trunc[b])
+            continue;
+        hkv_user *u = &c->users.users[slot];
+        while ((int64_t)u->host_pages * c->cfg.page_size > cached_lengths[b])
+            drop_host_tail(c, u);
+    }
+    if (c->reuse_wait && is_cuda(c)) {
+        /* The caller's writes into reused pages wait for the copies that
+         * still read them (the onboard stream waits for them by itself). */
+        st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
+                                        c->xfer.offload_done);
+        c->reuse_wait = 0;
+        if (st != HKV_OK) {
+            pthread_mutex_unlock(&c->lock);
+            bt->in_use = 1;
+            bt->state = BATCH_OPEN;
+            c->stats.open_batches++;
+            hkv_batch_free(bt);
+            return st;
+        }
+    }
     bt->stream = stream;
     bt->has_candidates = num_candidates != NULL;
     bt->in_use = 1;
@@ -843,7 +1142,7 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
         return st;
     }
     if (bt->new_tokens == 0)
-        commit_batch(c, bt);
+        commit_batch(c, bt, stream);
     hkv_histogram_observe(&c->stats.allocate_latency, hkv_now_ns() - t0);
     *out = bt;
 out:
@@ -968,6 +1267,32 @@ static hkv_status batch_enter(hkv_batch *bt)
     return HKV_OK;
 }
 
+/* The caller's stream waits for the onboarding of these layers. */
+static hkv_status wait_onboard(hkv_cache *c, hkv_batch *bt, int32_t first, int32_t count,
+                               void *stream)
+{
+    for (int32_t l = first; bt->onboarded && l < first + count; l++) {
+        hkv_status st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
+                                                   bt->layer_events[l]);
+        if (st != HKV_OK)
+            return st;
+    }
+    return HKV_OK;
+}
+
+hkv_status hkv_batch_wait_layer(hkv_batch *bt, int32_t layer, void *stream)
+{
+    hkv_status st = batch_enter(bt);
+    if (st != HKV_OK)
+        return st;
+    hkv_cache *c = bt->cache;
+    st = check_layers(c, layer, 1);
+    if (st == HKV_OK)
+        st = wait_onboard(c, bt, layer, 1, stream);
+    pthread_mutex_unlock(&c->lock);
+    return st;
+}
+
 hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_layers,
                             const hkv_tensor *k, const hkv_tensor *v, void *stream)
 {
@@ -1009,6 +1334,10 @@ hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_laye
     }
     if (bt->new_tokens > 0) {
         int32_t *meta = is_cuda(c) ? bt->device->ptr : bt->host->ptr;
+        /* a partial page written here may have been onboarded */
+        st = wait_onboard(c, bt, first_layer, num_layers, stream);
+        if (st != HKV_OK)
+            goto out;
         fill_rows_args(c, &a, meta);
         a.first_layer = first_layer;
         a.num_layers = num_layers;
@@ -1035,7 +1364,7 @@ hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_laye
         bt->layers_left -= num_layers;
         c->stats.tokens_appended += (uint64_t)bt->new_tokens * (uint64_t)num_layers;
         if (bt->layers_left == 0)
-            commit_batch(c, bt);
+            commit_batch(c, bt, stream);
     }
 out:
     pthread_mutex_unlock(&c->lock);
@@ -1097,7 +1426,9 @@ hkv_status hkv_batch_read(hkv_batch *bt, int32_t layer, const hkv_tensor *k,
     a.row_offsets = tm.new_offsets;
     a.nnz = n;
     if (is_cuda(c)) {
-        st = hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
+        st = wait_onboard(c, bt, layer, 1, stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
         if (st == HKV_OK)
             st = hkv_cuda_read(&a, c->cfg.device_index, stream);
         if (st == HKV_OK)
@@ -1193,7 +1524,7 @@ static void close_locked(hkv_cache *c, hkv_batch *bt)
         }
         if (--u->pins == 0) {
             c->pinned_pages -= u->num_pages;
-            if (u->num_pages == 0)
+            if (u->num_pages == 0 && u->host_pages == 0)
                 hkv_user_remove(&c->users, slot);
         }
     }
@@ -1281,11 +1612,34 @@ hkv_status hkv_cache_read_user(hkv_cache *c, int64_t user_id, int32_t layer,
         goto out;
     }
     const int64_t ps = c->cfg.page_size;
+    const int64_t pb = hkv_page_bytes(&c->table);
     char *layer_base = (char *)c->table.base + layer * hkv_layer_bytes(&c->table);
-    int32_t page = slot == HKV_NO_USER ? HKV_NO_PAGE : c->users.users[slot].head_page;
-    for (int64_t done = 0; done < len; page = c->pool.pages[page].next) {
+    const hkv_user *u = slot == HKV_NO_USER ? NULL : &c->users.users[slot];
+    int32_t page = u ? u->head_page : HKV_NO_PAGE;
+    int32_t host_page = HKV_NO_PAGE;
+    if (is_cuda(c) && has_host(c)) {
+        /* a debugging read: let copies into either tier finish first */
+        st = hkv_cuda_stream_sync(c->cfg.device_index, c->xfer.offload_stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_stream_sync(c->cfg.device_index, c->xfer.onboard_stream);
+        if (st != HKV_OK)
+            goto out;
+    }
+    if (u != NULL && (int64_t)u->num_pages * ps < len)
+        host_page = hkv_host_page_at(&c->host, u, u->num_pages);
+    char *host_base = has_host(c) ? (char *)c->host.table->ptr +
+                                         layer * (int64_t)c->host.num_pages * pb
+                                   : NULL;
+    for (int64_t done = 0, ix = 0; done < len; ix++) {
         int64_t n = len - done < ps ? len - done : ps;
-        const char *src = layer_base + (int64_t)page * hkv_page_bytes(&c->table);
+        const char *src;
+        if (ix < u->num_pages) {
+            src = layer_base + (int64_t)page * pb;
+            page = c->pool.pages[page].next;
+        } else {
+            src = host_base + (int64_t)host_page * pb;
+            host_page = c->host.pages[host_page].next;
+        }
         const char *srcs[2] = {src, src + ps * rb};
         char *dsts[2] = {(char *)k->data + done * rb, (char *)v->data + done * rb};
         for (int i = 0; i < 2; i++) {
@@ -1306,19 +1660,36 @@ out:
     return st;
 }
 
-static void evict_user(hkv_cache *c, int32_t slot)
+/* Empty the given tiers of one (unpinned) user. */
+static void evict_user(hkv_cache *c, int32_t slot, int32_t tiers, int32_t offload)
 {
     hkv_user *u = &c->users.users[slot];
-    c->stats.pages_dropped += (uint64_t)u->num_pages;
-    drop_tail_pages(c, u, 0);
-    hkv_user_remove(&c->users, slot);
-    c->stats.users_evicted++;
+    if (tiers & HKV_TIER_GPU) {
+        if (offload && has_host(c)) {
+            hkv_status st;
+            c->stats.writeback_pages += (uint64_t)offload_user(c, slot, &st);
+            if (st != HKV_OK)
+                c->stats.transfers_failed++;
+        }
+        c->stats.pages_dropped += (uint64_t)u->num_pages;
+        drop_tail_pages(c, u, 0);
+    }
+    if ((tiers & HKV_TIER_HOST) && has_host(c))
+        while (u->host_pages > 0)
+            drop_host_tail(c, u);
+    fix_length(c, u);
+    maybe_remove(c, slot);
 }
 
-hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids)
+hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids,
+                           int32_t tiers, int32_t offload, void *stream)
 {
     pthread_mutex_lock(&c->lock);
     hkv_status st = HKV_OK;
+    if (tiers < 1 || tiers > HKV_TIER_ALL) {
+        st = hkv_error(HKV_EINVAL, "tiers must name the GPU tier, the host tier or both");
+        goto out;
+    }
     for (int32_t i = 0; i < count; i++) {
         int32_t slot = hkv_user_find(&c->users, user_ids[i]);
         if (slot != HKV_NO_USER && c->users.users[slot].pins > 0) {
@@ -1327,31 +1698,67 @@ hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids)
             goto out;
         }
     }
+    if (offload && has_host(c)) {
+        st = hkv_xfer_begin(&c->xfer, stream);
+        if (st != HKV_OK)
+            goto out;
+    }
     for (int32_t i = 0; i < count; i++) {
         int32_t slot = hkv_user_find(&c->users, user_ids[i]);
         if (slot != HKV_NO_USER)
-            evict_user(c, slot);
+            evict_user(c, slot, tiers, offload);
     }
 out:
     pthread_mutex_unlock(&c->lock);
     return st;
 }
 
-int64_t hkv_cache_evict_all(hkv_cache *c)
+int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *stream)
 {
     pthread_mutex_lock(&c->lock);
     int64_t n = 0;
+    if (offload && has_host(c) && hkv_xfer_begin(&c->xfer, stream) != HKV_OK)
+        offload = 0;  /* cannot order a write-back: drop instead */
     int32_t slot = c->users.lru_head;
     while (slot != HKV_NO_USER) {
         int32_t next = c->users.users[slot].lru_next;
         if (c->users.users[slot].pins == 0) {
-            evict_user(c, slot);
+            evict_user(c, slot, tiers, offload);
             n++;
         }
         slot = next;
     }
     pthread_mutex_unlock(&c->lock);
     return n;
+}
+
+void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
+                          int64_t *host_tokens)
+{
+    pthread_mutex_lock(&c->lock);
+    int32_t slot = hkv_user_find(&c->users, user_id);
+    *gpu_tokens = *host_tokens = 0;
+    if (slot != HKV_NO_USER) {
+        const hkv_user *u = &c->users.users[slot];
+        int64_t g = (int64_t)u->num_pages * c->cfg.page_size;
+        *gpu_tokens = u->length < g ? u->length : g;
+        *host_tokens = (int64_t)u->host_pages * c->cfg.page_size;
+    }
+    pthread_mutex_unlock(&c->lock);
+}
+
+hkv_status hkv_cache_sync_transfers(hkv_cache *c)
+{
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    while (st == HKV_OK && has_host(c) && c->xfer.rec_count > 0) {
+        st = hkv_cuda_event_sync(c->cfg.device_index,
+                                 c->xfer.records[c->xfer.rec_head].event);
+        if (st == HKV_OK)
+            st = hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
+    }
+    pthread_mutex_unlock(&c->lock);
+    return st;
 }
 
 void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
@@ -1361,6 +1768,17 @@ void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
     c->stats.pages_used = hkv_page_pool_used(&c->pool);
     c->stats.pages_pinned = c->pinned_pages;
     c->stats.users_cached = c->users.count;
+    if (has_host(c)) {
+        (void)hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
+        c->stats.host_pages_free = c->host.num_free;
+        c->stats.host_pages_used = c->host.num_pages - c->host.num_free;
+        c->stats.onboard_pages = c->xfer.onboard_pages;
+        c->stats.onboard_bytes = c->xfer.onboard_bytes;
+        c->stats.offload_pages = c->xfer.offload_pages;
+        c->stats.offload_bytes = c->xfer.offload_bytes;
+        c->stats.transfers = c->xfer.transfers;
+        c->stats.transfers_in_flight = c->xfer.rec_count;
+    }
     *out = c->stats;
     pthread_mutex_unlock(&c->lock);
 }
@@ -1383,7 +1801,7 @@ static hkv_status check_locked(hkv_cache *c)
     if (free_count != pool->num_free)
         return hkv_error(HKV_ESTATE, "free list holds %lld pages, counter says %d",
                          (long long)free_count, (int)pool->num_free);
-    int64_t owned = 0, pinned = 0, users = 0, lru = 0;
+    int64_t owned = 0, pinned = 0, users = 0, lru = 0, host_owned = 0;
     for (int32_t s = 0; s < ix->capacity; s++) {
         const hkv_user *u = &ix->users[s];
         if (!u->in_use)
@@ -1409,16 +1827,39 @@ static hkv_status check_locked(hkv_cache *c)
         if (prev != u->tail_page || n != u->num_pages)
             return hkv_error(HKV_ESTATE, "user %lld: %d pages chained, %d counted",
                              (long long)u->id, (int)n, (int)u->num_pages);
-        if (u->length > u->reserved || u->num_pages != pages_for(c, u->reserved))
+        /* GPU pages: exactly the reserved tokens while a batch fills them,
+         * else a prefix of the cached tokens whose rest the host holds. */
+        const int64_t ps = c->cfg.page_size;
+        int gpu_ok = u->filling ? u->num_pages == pages_for(c, u->reserved)
+                                : u->num_pages <= pages_for(c, u->length) &&
+                                      (u->num_pages == pages_for(c, u->length) ||
+                                       (int64_t)u->host_pages * ps == u->length);
+        if (u->length > u->reserved || !gpu_ok ||
+            (int64_t)u->host_pages * ps > u->length)
             return hkv_error(HKV_ESTATE, "user %lld: length %lld, reserved %lld, "
-                             "%d pages", (long long)u->id, (long long)u->length,
-                             (long long)u->reserved, (int)u->num_pages);
+                             "%d GPU pages, %d host pages", (long long)u->id,
+                             (long long)u->length, (long long)u->reserved,
+                             (int)u->num_pages, (int)u->host_pages);
         if (u->reserved != u->length && !u->filling)
             return hkv_error(HKV_ESTATE, "user %lld has reserved tokens but no "
                              "batch fills them", (long long)u->id);
-        if (u->num_pages == 0 && u->pins == 0)
+        if (u->num_pages == 0 && u->host_pages == 0 && u->pins == 0)
             return hkv_error(HKV_ESTATE, "user %lld has no pages and no pins",
                              (long long)u->id);
+        int32_t hprev = HKV_NO_PAGE, hn = 0;
+        for (int32_t p = u->host_head; p != HKV_NO_PAGE; p = c->host.pages[p].next) {
+            if (c->host.pages[p].owner != s || c->host.pages[p].prev != hprev)
+                return hkv_error(HKV_ESTATE, "host chain of user %lld broken at page %d",
+                                 (long long)u->id, (int)p);
+            hprev = p;
+            if (++hn > c->host.num_pages)
+                return hkv_error(HKV_ESTATE, "host chain of user %lld has a cycle",
+                                 (long long)u->id);
+        }
+        if (hprev != u->host_tail || hn != u->host_pages)
+            return hkv_error(HKV_ESTATE, "user %lld: %d host pages chained, %d counted",
+                             (long long)u->id, (int)hn, (int)u->host_pages);
+        host_owned += hn;
         owned += n;
         if (u->pins > 0)
             pinned += n;
@@ -1426,6 +1867,21 @@ static hkv_status check_locked(hkv_cache *c)
     if (owned != hkv_page_pool_used(pool))
         return hkv_error(HKV_ESTATE, "users own %lld pages, %d are in use",
                          (long long)owned, (int)hkv_page_pool_used(pool));
+    int64_t zombies = 0, host_free = 0;
+    for (int32_t p = 0; p < c->host.num_pages; p++) {
+        int is_free = (c->host.free_bits[p / 64] >> (p % 64)) & 1;
+        host_free += is_free;
+        zombies += c->host.pages[p].owner == HKV_ZOMBIE;
+        if (is_free != (c->host.pages[p].owner == -1))
+            return hkv_error(HKV_ESTATE, "host page %d: free bit and owner disagree",
+                             (int)p);
+    }
+    if (host_free != c->host.num_free ||
+        host_owned + zombies + host_free != c->host.num_pages)
+        return hkv_error(HKV_ESTATE, "host tier: %lld owned, %lld zombies, %lld free "
+                         "(counter %d) of %d pages", (long long)host_owned,
+                         (long long)zombies, (long long)host_free, (int)c->host.num_free,
+                         (int)c->host.num_pages);
     if (pinned != c->pinned_pages)
         return hkv_error(HKV_ESTATE, "pinned pages %lld, counter says %lld",
                          (long long)pinned, (long long)c->pinned_pages);

@@ -47,7 +47,13 @@ typedef struct hkv_config {
     int64_t max_batch_tokens;  /* new tokens per batch; 0: batch * seq_len */
     int32_t verify_tokens;     /* 1: verified mode, 0: trust mode          */
     int32_t max_open_batches;  /* metadata blocks; 0: default (8)          */
+    int32_t host_pages;        /* pages of the host tier; 0: no host tier  */
+    int32_t offload_mode;      /* HKV_OFFLOAD_LAZY or HKV_OFFLOAD_EAGER    */
 } hkv_config;
+
+/* When pages go to the host tier: at eviction (write-back, "lazy") or as
+ * soon as a batch commits (write-through, "eager"). */
+enum { HKV_OFFLOAD_LAZY = 0, HKV_OFFLOAD_EAGER = 1 };
 
 typedef struct hkv_stats {
     /* counters */
@@ -63,6 +69,14 @@ typedef struct hkv_stats {
     uint64_t pages_dropped;      /* freed by explicit evict or truncation   */
     uint64_t users_evicted;      /* users that lost their last page         */
     uint64_t tokens_appended;    /* per layer group appended                */
+    uint64_t onboard_pages;      /* host -> GPU page copies (all layers)    */
+    uint64_t onboard_bytes;
+    uint64_t offload_pages;      /* GPU -> host page copies (all layers)    */
+    uint64_t offload_bytes;
+    uint64_t writeback_pages;    /* offloaded because of an eviction        */
+    uint64_t host_pages_evicted; /* host pages taken from LRU users         */
+    uint64_t transfers;
+    uint64_t transfers_failed;   /* offloads that could not be queued        */
     /* gauges */
     int64_t pages_total;
     int64_t pages_free;
@@ -70,6 +84,10 @@ typedef struct hkv_stats {
     int64_t pages_pinned;        /* pages of users in open batches          */
     int64_t users_cached;
     int64_t open_batches;
+    int64_t host_pages_total;
+    int64_t host_pages_free;
+    int64_t host_pages_used;
+    int64_t transfers_in_flight;
     /* latency of the host-side calls */
     hkv_histogram lookup_latency;
     hkv_histogram allocate_latency;
@@ -194,6 +212,12 @@ hkv_status hkv_cache_copy_pages(hkv_cache *c, int to_staging, int32_t first_laye
                                 int32_t num_layers, const hkv_tensor *page_ids,
                                 const hkv_tensor *staging, void *stream);
 
+/* Make `stream` wait (without blocking the host) until layer `layer` of the
+ * pages this batch onboarded from the host tier has arrived.  append and
+ * read do this themselves; a paged attention kernel reading the table
+ * directly calls it first.  A no-op when nothing was onboarded. */
+hkv_status hkv_batch_wait_layer(hkv_batch *b, int32_t layer, void *stream);
+
 /* Unpin the batch's users; rolls back an uncommitted batch.  Idempotent. */
 void hkv_batch_close(hkv_batch *b);
 /* Close if needed and give the metadata block back; `stream` work that
@@ -208,11 +232,25 @@ hkv_status hkv_cache_read_user(hkv_cache *c, int64_t user_id, int32_t layer,
                                const hkv_tensor *k, const hkv_tensor *v,
                                void *stream, int64_t *length);
 
-/* Drop users' cached pages.  Users in open batches fail with HKV_EBUSY
- * (checked for all before any is dropped).  Unknown users are ignored. */
-hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids);
-/* Drop every user not in an open batch; returns the number dropped. */
-int64_t hkv_cache_evict_all(hkv_cache *c);
+/* Which tiers an eviction empties. */
+enum { HKV_TIER_GPU = 1, HKV_TIER_HOST = 2, HKV_TIER_ALL = 3 };
+
+/* Drop users' cached pages from the given tiers (HKV_TIER_*).  Users in open
+ * batches fail with HKV_EBUSY (checked for all before any is dropped).
+ * Unknown users are ignored.  Dropping the GPU tier of a user whose pages
+ * are not on the host loses them, unless `offload` asks to write them back
+ * first (lazy write-back, ordered on `stream`). */
+hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids,
+                           int32_t tiers, int32_t offload, void *stream);
+/* The same for every user not in an open batch; returns the users touched. */
+int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *stream);
+
+/* Tokens of a user cached on the GPU tier and on the host tier. */
+void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
+                          int64_t *host_tokens);
+
+/* Wait for every transfer in flight (blocking) and release their pins. */
+hkv_status hkv_cache_sync_transfers(hkv_cache *c);
 
 void hkv_cache_stats(hkv_cache *c, hkv_stats *out);
 

@@ -36,6 +36,9 @@ hkv_status hkv_cuda_memcpy_async(int device, void *dst, const void *src,
                                  size_t bytes, void *stream);
 
 hkv_status hkv_cuda_stream_sync(int device, void *stream);
+/* A non-blocking stream (no implicit sync with the legacy stream). */
+hkv_status hkv_cuda_stream_create(int device, void **stream);
+hkv_status hkv_cuda_stream_destroy(int device, void *stream);
 
 hkv_status hkv_cuda_event_create(int device, void **event);
 hkv_status hkv_cuda_event_destroy(int device, void *event);

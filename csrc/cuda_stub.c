@@ -81,6 +81,20 @@ hkv_status hkv_cuda_memcpy_async(int device, void *dst, const void *src,
     return no_cuda("hkv_cuda_memcpy_async");
 }
 
+hkv_status hkv_cuda_stream_create(int device, void **stream)
+{
+    (void)device;
+    *stream = NULL;
+    return no_cuda("hkv_cuda_stream_create");
+}
+
+hkv_status hkv_cuda_stream_destroy(int device, void *stream)
+{
+    (void)device;
+    (void)stream;
+    return no_cuda("hkv_cuda_stream_destroy");
+}
+
 hkv_status hkv_cuda_stream_sync(int device, void *stream)
 {
     (void)device;
@@ -169,6 +183,15 @@ hkv_status hkv_cuda_scatter_pages(const hkv_pages_args *a, int device,
     (void)device;
     (void)stream;
     return no_cuda("hkv_cuda_scatter_pages");
+}
+
+hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device,
+                               void *stream)
+{
+    (void)a;
+    (void)device;
+    (void)stream;
+    return no_cuda("hkv_cuda_copy_pages");
 }
 
 hkv_status hkv_cuda_token_meta(const hkv_token_meta_args *a, int device,

@@ -106,6 +106,33 @@ typedef struct hkv_pages_args {
 } hkv_pages_args;
 
 /*
+ * copy pages between two tables of the same page geometry, e.g. the GPU tier
+ * and the host tier (onboard, offload):
+ *     dst[l, dst_ids[i]] = src[l, src_ids[i]]
+ * for l in [first_layer, first_layer + num_layers) and i in [0, n).  Each
+ * table is [layers, *_num_pages, page_bytes].  On CUDA either table may be
+ * pinned host memory (mapped into the device's address space): the kernel
+ * then reads or writes it across PCIe itself ("zero-copy"), which moves
+ * scattered pages at close to the link's speed with a few dozen blocks and
+ * needs no staging buffer.  max_blocks bounds the SMs taken from concurrent
+ * work (0: a default of 32).  The ids must be readable by the device (device
+ * memory or mapped pinned memory) and dst_ids must not repeat.
+ */
+typedef struct hkv_copy_pages_args {
+    const void *src;
+    void *dst;
+    int32_t src_num_pages;
+    int32_t dst_num_pages;
+    int64_t page_bytes;
+    int32_t first_layer;
+    int32_t num_layers;
+    const int32_t *src_ids;   /* [n] */
+    const int32_t *dst_ids;   /* [n] */
+    int64_t n;
+    int32_t max_blocks;
+} hkv_copy_pages_args;
+
+/*
  * token metadata: for each new token t in [0, nnz) find its user b (the b
  * with new_offsets[b] <= t < new_offsets[b+1]) and write
  *     batch_indices[t] = b
@@ -151,6 +178,7 @@ void hkv_cpu_append(const hkv_rows_args *a);
 void hkv_cpu_read(const hkv_rows_args *a);
 void hkv_cpu_gather_pages(const hkv_pages_args *a);
 void hkv_cpu_scatter_pages(const hkv_pages_args *a);
+void hkv_cpu_copy_pages(const hkv_copy_pages_args *a);
 void hkv_cpu_token_meta(const hkv_token_meta_args *a);
 void hkv_cpu_strip(const hkv_strip_args *a);
 
@@ -162,6 +190,7 @@ hkv_status hkv_cuda_append(const hkv_rows_args *a, int device, void *stream);
 hkv_status hkv_cuda_read(const hkv_rows_args *a, int device, void *stream);
 hkv_status hkv_cuda_gather_pages(const hkv_pages_args *a, int device, void *stream);
 hkv_status hkv_cuda_scatter_pages(const hkv_pages_args *a, int device, void *stream);
+hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device, void *stream);
 hkv_status hkv_cuda_token_meta(const hkv_token_meta_args *a, int device, void *stream);
 hkv_status hkv_cuda_strip(const hkv_strip_args *a, int device, void *stream);
 

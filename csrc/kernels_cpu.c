@@ -117,6 +117,19 @@ void hkv_cpu_scatter_pages(const hkv_pages_args *a)
     pages_copy(a, 1);
 }
 
+/* copy pages between two tables: one memcpy per (layer, page). */
+void hkv_cpu_copy_pages(const hkv_copy_pages_args *a)
+{
+    const int64_t pb = a->page_bytes;
+    for (int32_t l = a->first_layer; l < a->first_layer + a->num_layers; l++) {
+        const char *src = (const char *)a->src + (int64_t)l * a->src_num_pages * pb;
+        char *dst = (char *)a->dst + (int64_t)l * a->dst_num_pages * pb;
+        for (int64_t i = 0; i < a->n; i++)
+            memcpy(dst + (int64_t)a->dst_ids[i] * pb, src + (int64_t)a->src_ids[i] * pb,
+                   (size_t)pb);
+    }
+}
+
 /*
  * token metadata: walk the users in order and fill each one's range of new
  * tokens; O(batch + nnz) with no search.  Users with no new token have an

@@ -312,17 +312,18 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "num_pages", "dtype_code", "dtype_bits", "device_kind",
                              "device_index", "max_batch_size", "max_seq_len",
                              "max_batch_tokens", "verify_tokens",
-                             "max_open_batches", NULL};
+                             "max_open_batches", "host_pages", "offload_mode", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|ii", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
                                      &cfg.device_kind, &cfg.device_index,
                                      &cfg.max_batch_size, &cfg.max_seq_len,
                                      &cfg.max_batch_tokens, &cfg.verify_tokens,
-                                     &cfg.max_open_batches))
+                                     &cfg.max_open_batches, &cfg.host_pages,
+                                     &cfg.offload_mode))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");
@@ -564,12 +565,18 @@ out:
     return ret;
 }
 
-static PyObject *Cache_evict(CacheObject *self, PyObject *arg)
+static PyObject *Cache_evict(CacheObject *self, PyObject *args)
 {
-    if (!cache_ready(self))
+    PyObject *ids_o, *stream_o;
+    int tiers, offload;
+    if (!PyArg_ParseTuple(args, "OipO", &ids_o, &tiers, &offload, &stream_o) ||
+        !cache_ready(self))
+        return NULL;
+    void *stream;
+    if (get_stream(stream_o, &stream))
         return NULL;
     int_buffer ids;
-    if (get_int64s(arg, "user_ids", &ids, -1, 0, 0)) {
+    if (get_int64s(ids_o, "user_ids", &ids, -1, 0, 0)) {
         put_buffer(&ids);
         return NULL;
     }
@@ -578,21 +585,50 @@ static PyObject *Cache_evict(CacheObject *self, PyObject *arg)
         st = hkv_error(HKV_EINVAL, "too many users");
     else
         WITHOUT_GIL(self, st = hkv_cache_evict(self->cache, (int32_t)int_len(&ids),
-                                               int_ptr(&ids)));
+                                               int_ptr(&ids), tiers, offload, stream));
     put_buffer(&ids);
     if (st != HKV_OK)
         return raise_status(st);
     Py_RETURN_NONE;
 }
 
-static PyObject *Cache_evict_all(CacheObject *self, PyObject *unused)
+static PyObject *Cache_evict_all(CacheObject *self, PyObject *args)
+{
+    int tiers, offload;
+    PyObject *stream_o;
+    if (!PyArg_ParseTuple(args, "ipO", &tiers, &offload, &stream_o) || !cache_ready(self))
+        return NULL;
+    void *stream;
+    if (get_stream(stream_o, &stream))
+        return NULL;
+    if (tiers < 1 || tiers > HKV_TIER_ALL)
+        return raise_status(hkv_error(HKV_EINVAL, "tiers must name the GPU tier, the "
+                                      "host tier or both"));
+    int64_t n;
+    WITHOUT_GIL(self, n = hkv_cache_evict_all(self->cache, tiers, offload, stream));
+    return PyLong_FromLongLong(n);
+}
+
+static PyObject *Cache_user_tiers(CacheObject *self, PyObject *args)
+{
+    long long uid;
+    if (!PyArg_ParseTuple(args, "L", &uid) || !cache_ready(self))
+        return NULL;
+    int64_t g, h;
+    WITHOUT_GIL(self, hkv_cache_user_tiers(self->cache, uid, &g, &h));
+    return Py_BuildValue("(LL)", (long long)g, (long long)h);
+}
+
+static PyObject *Cache_sync_transfers(CacheObject *self, PyObject *unused)
 {
     (void)unused;
     if (!cache_ready(self))
         return NULL;
-    int64_t n;
-    WITHOUT_GIL(self, n = hkv_cache_evict_all(self->cache));
-    return PyLong_FromLongLong(n);
+    hkv_status st;
+    WITHOUT_GIL(self, st = hkv_cache_sync_transfers(self->cache));
+    if (st != HKV_OK)
+        return raise_status(st);
+    Py_RETURN_NONE;
 }
 
 static PyObject *Cache_check(CacheObject *self, PyObject *unused)
@@ -665,6 +701,10 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(pages_allocated) ITEM(pages_evicted) ITEM(pages_dropped)
     ITEM(users_evicted) ITEM(tokens_appended) ITEM(pages_total) ITEM(pages_free)
     ITEM(pages_used) ITEM(pages_pinned) ITEM(users_cached) ITEM(open_batches)
+    ITEM(onboard_pages) ITEM(onboard_bytes) ITEM(offload_pages) ITEM(offload_bytes)
+    ITEM(writeback_pages) ITEM(host_pages_evicted) ITEM(transfers)
+    ITEM(transfers_failed) ITEM(host_pages_total) ITEM(host_pages_free)
+    ITEM(host_pages_used) ITEM(transfers_in_flight)
 #undef ITEM
     if (put_histogram(d, "lookup_latency", &s.lookup_latency) != 0 ||
         put_histogram(d, "allocate_latency", &s.allocate_latency) != 0) {
@@ -691,9 +731,14 @@ static PyMethodDef Cache_methods[] = {
      "read_user(user_id, layer, k, v, stream) -> tokens copied"},
     {"copy_pages", (PyCFunction)Cache_copy_pages, METH_VARARGS,
      "copy_pages(to_staging, first_layer, num_layers, page_ids, staging, stream)"},
-    {"evict", (PyCFunction)Cache_evict, METH_O, "evict(user_ids)"},
-    {"evict_all", (PyCFunction)Cache_evict_all, METH_NOARGS,
-     "evict_all() -> users dropped"},
+    {"evict", (PyCFunction)Cache_evict, METH_VARARGS,
+     "evict(user_ids, tiers, offload, stream)"},
+    {"evict_all", (PyCFunction)Cache_evict_all, METH_VARARGS,
+     "evict_all(tiers, offload, stream) -> users touched"},
+    {"user_tiers", (PyCFunction)Cache_user_tiers, METH_VARARGS,
+     "user_tiers(user_id) -> (gpu tokens, host tokens)"},
+    {"sync_transfers", (PyCFunction)Cache_sync_transfers, METH_NOARGS,
+     "Wait for every transfer in flight."},
     {"check", (PyCFunction)Cache_check, METH_NOARGS, "Check internal invariants."},
     {"stats", (PyCFunction)Cache_stats, METH_NOARGS, "Counters as a dict."},
     {NULL, NULL, 0, NULL}};
@@ -826,6 +871,23 @@ out:
     return ret;
 }
 
+static PyObject *Batch_wait_layer(BatchObject *self, PyObject *args)
+{
+    int layer;
+    PyObject *stream_o;
+    CacheObject *owner;
+    if (!PyArg_ParseTuple(args, "iO", &layer, &stream_o) || !batch_ready(self, &owner))
+        return NULL;
+    void *stream;
+    if (get_stream(stream_o, &stream))
+        return NULL;
+    hkv_status st;
+    WITHOUT_GIL(owner, st = hkv_batch_wait_layer(self->batch, layer, stream));
+    if (st != HKV_OK)
+        return raise_status(st);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Batch_close(BatchObject *self, PyObject *unused)
 {
     (void)unused;
@@ -847,6 +909,8 @@ static PyMethodDef Batch_methods[] = {
      "append(first_layer, num_layers, k, v, stream)"},
     {"read", (PyCFunction)Batch_read, METH_VARARGS,
      "read(layer, k, v, batch_indices, positions, stream)"},
+    {"wait_layer", (PyCFunction)Batch_wait_layer, METH_VARARGS,
+     "wait_layer(layer, stream): the stream waits for that layer's onboarding"},
     {"close", (PyCFunction)Batch_close, METH_NOARGS,
      "Unpin the batch's users (rolls back an unfinished batch)."},
     {NULL, NULL, 0, NULL}};

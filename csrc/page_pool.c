@@ -52,7 +52,9 @@ int32_t hkv_page_alloc(hkv_page_pool *pool, int32_t owner)
     pool->num_free--;
     p->owner = owner;
     p->prev = p->next = HKV_NO_PAGE;
-    p->pins = 0;
+    /* pins is left alone: a page dropped while a copy still reads it keeps
+     * its count until the copy is reaped, whoever owns it by then (its
+     * new owner's writers are ordered after that copy). */
     return page;
 }
 

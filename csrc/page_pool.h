@@ -23,7 +23,8 @@ typedef struct hkv_page {
     int32_t owner;   /* user slot, or -1 while free                       */
     int32_t prev;    /* previous page of the owner's chain, or -1         */
     int32_t next;    /* next page of the chain; free-list link when free  */
-    int32_t pins;    /* transfers in flight on this page                  */
+    int32_t pins;    /* transfers in flight reading this page (a count that
+                        survives a change of owner)                       */
 } hkv_page;
 
 typedef struct hkv_page_pool {

@@ -51,13 +51,13 @@ uint64_t hkv_fingerprint(uint64_t prev, const int64_t *keys, int32_t n)
     return mix64(h ^ (uint64_t)n);
 }
 
-int64_t hkv_filter_match(const hkv_token_filter *tf, const hkv_page_pool *pool,
-                         const hkv_user *u, const int64_t *keys, int64_t n)
+int64_t hkv_filter_match(const hkv_token_filter *tf, const hkv_page *pages, int32_t head,
+                         const int64_t *keys, int64_t n)
 {
     const int32_t ps = tf->page_size;
     int64_t matched = 0;
-    for (int32_t page = u->head_page; page != HKV_NO_PAGE && matched < n;
-         page = pool->pages[page].next) {
+    for (int32_t page = head; page != HKV_NO_PAGE && matched < n;
+         page = pages[page].next) {
         int64_t m = n - matched < ps ? n - matched : ps;
         const int64_t *stored = tf->keys + (int64_t)page * ps;
         if (memcmp(stored, keys + matched, (size_t)m * sizeof *keys) == 0) {
@@ -101,4 +101,15 @@ void hkv_filter_store(hkv_token_filter *tf, const hkv_page_pool *pool,
         }
         pos = end;
     }
+}
+
+void hkv_filter_copy_page(const hkv_token_filter *from, int32_t from_page,
+                          hkv_token_filter *to, int32_t to_page)
+{
+    if (!from->enabled || !to->enabled)
+        return;
+    memcpy(to->keys + (int64_t)to_page * to->page_size,
+           from->keys + (int64_t)from_page * from->page_size,
+           (size_t)to->page_size * sizeof *to->keys);
+    to->fingerprints[to_page] = from->fingerprints[from_page];
 }

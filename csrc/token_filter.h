@@ -38,10 +38,15 @@ void hkv_token_filter_free_all(hkv_token_filter *tf);
  * (0 for the first page). */
 uint64_t hkv_fingerprint(uint64_t prev, const int64_t *keys, int32_t n);
 
-/* Number of leading tokens of keys[0..n) equal to the user's stored keys;
- * n must not exceed the user's reserved tokens. */
-int64_t hkv_filter_match(const hkv_token_filter *tf, const hkv_page_pool *pool,
-                         const hkv_user *u, const int64_t *keys, int64_t n);
+/* Number of leading tokens of keys[0..n) equal to the keys stored with the
+ * chain of pages starting at `head` (links in `pages`); n must not exceed
+ * the tokens the chain holds. */
+int64_t hkv_filter_match(const hkv_token_filter *tf, const hkv_page *pages, int32_t head,
+                         const int64_t *keys, int64_t n);
+
+/* Copy one page's keys and fingerprint between filters (tier moves). */
+void hkv_filter_copy_page(const hkv_token_filter *from, int32_t from_page,
+                          hkv_token_filter *to, int32_t to_page);
 
 /* Store keys[from..to) (indexed by history position) into the user's pages,
  * which must already cover position to-1, and fingerprint pages that

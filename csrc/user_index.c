@@ -120,6 +120,8 @@ int32_t hkv_user_find_or_add(hkv_user_index *ix, int64_t id)
     u->length = u->reserved = 0;
     u->head_page = u->tail_page = HKV_NO_PAGE;
     u->num_pages = 0;
+    u->host_head = u->host_tail = HKV_NO_PAGE;
+    u->host_pages = 0;
     u->pins = 0;
     u->filling = 0;
     u->in_use = 1;

@@ -29,9 +29,12 @@ typedef struct hkv_user {
     int64_t length;     /* tokens with complete K/V                        */
     int64_t reserved;   /* tokens with pages (>= length)                   */
     uint64_t epoch;     /* bumped when cached tokens are dropped           */
-    int32_t head_page;
+    int32_t head_page;  /* GPU tier chain: pages 0 .. num_pages-1          */
     int32_t tail_page;
     int32_t num_pages;
+    int32_t host_head;  /* host tier chain: full pages 0 .. host_pages-1   */
+    int32_t host_tail;
+    int32_t host_pages;
     int32_t pins;       /* open batches holding this user                  */
     int32_t filling;    /* 1 while an uncommitted batch writes its tokens  */
     int32_t lru_prev;

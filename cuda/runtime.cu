@@ -136,6 +136,23 @@ extern "C" hkv_status hkv_cuda_stream_sync(int device, void *stream)
     return HKV_OK;
 }
 
+extern "C" hkv_status hkv_cuda_stream_create(int device, void **stream)
+{
+    cudaStream_t s = NULL;
+    *stream = NULL;
+    HKV_TRY(hkv::set_device(device));
+    HKV_CUDA_TRY(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking));
+    *stream = (void *)s;
+    return HKV_OK;
+}
+
+extern "C" hkv_status hkv_cuda_stream_destroy(int device, void *stream)
+{
+    HKV_TRY(hkv::set_device(device));
+    HKV_CUDA_TRY(cudaStreamDestroy((cudaStream_t)stream));
+    return HKV_OK;
+}
+
 /*
  * Events only order and signal work (the contract has no elapsed-time
  * query), so they are created without timing, which makes record and

@@ -188,6 +188,16 @@ class Batch:
     def released(self) -> bool:
         return bool(self._native.info()[6])
 
+    def wait_layer(self, layer: int, stream: Any = None) -> None:
+        """Make ``stream`` (default: the current one) wait, without blocking
+        the host, until ``layer`` of the pages this batch onboarded from the
+        host tier has arrived.  ``append`` and ``gather`` do this by
+        themselves; call it before a paged attention kernel reads the table
+        of that layer.  A no-op on the CPU and when nothing was onboarded."""
+        cfg = self._cache.config
+        self._native.wait_layer(int(layer),
+                                current_stream(cfg.device_kind, cfg.device_index, stream))
+
     def release(self) -> None:
         """Unpin the batch's users; rolls back the batch if it did not commit.
         The metadata stays readable until the batch object is dropped."""
@@ -226,7 +236,9 @@ class KVCache:
             max_seq_len=config.max_seq_len,
             max_batch_tokens=config.max_batch_tokens or 0,
             verify_tokens=config.verify_tokens,
-            max_open_batches=config.max_open_batches)
+            max_open_batches=config.max_open_batches,
+            host_pages=config.host_pages,
+            offload_mode=0 if config.offload_mode == "lazy" else 1)
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)
@@ -387,14 +399,34 @@ class KVCache:
         return self._native.user_length(int(user_id))
 
     # -- eviction / stats ---------------------------------------------------
-    def evict(self, user_ids: IntArray) -> None:
-        """Drop these users' cached K/V.  Unknown users are ignored; users in
-        an open batch raise CacheBusyError (and nobody is dropped)."""
-        self._native.evict(int64_array(user_ids, "user_ids"))
+    def evict(self, user_ids: IntArray, gpu: bool = True, host: bool = True,
+              offload: bool = False, stream: Any = None) -> None:
+        """Drop these users' cached K/V from the GPU tier and/or the host tier.
 
-    def evict_all(self) -> int:
-        """Drop every user not in an open batch; returns how many were dropped."""
-        return self._native.evict_all()
+        With ``offload=True`` (and a host tier) GPU pages are written back to
+        the host tier before they are dropped, so the users stay cached.
+        Unknown users are ignored; users in an open batch raise
+        CacheBusyError (and nobody is dropped)."""
+        tiers = self._tiers(gpu, host)
+        handle = current_stream(self.config.device_kind, self.config.device_index, stream)
+        self._native.evict(int64_array(user_ids, "user_ids"), tiers, bool(offload), handle)
+
+    def evict_all(self, gpu: bool = True, host: bool = True, offload: bool = False,
+                  stream: Any = None) -> int:
+        """:meth:`evict` for every user not in an open batch; returns how many
+        users were touched."""
+        tiers = self._tiers(gpu, host)
+        handle = current_stream(self.config.device_kind, self.config.device_index, stream)
+        return self._native.evict_all(tiers, bool(offload), handle)
+
+    def cached_tiers(self, user_id: int) -> Tuple[int, int]:
+        """``(tokens on the GPU tier, tokens on the host tier)`` of a user;
+        both tiers hold a prefix of its history."""
+        return self._native.user_tiers(int(user_id))
+
+    def sync_transfers(self) -> None:
+        """Block until every onboard and offload in flight has completed."""
+        self._native.sync_transfers()
 
     def stats(self) -> Dict[str, Union[int, float]]:
         """Counters of the core as a plain dict (plus ``hit_rate``)."""
@@ -449,6 +481,13 @@ class KVCache:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise InvalidArgumentError(f"layer must be an int or a range, got {layer!r}")
         return int(layer), 1
+
+    @staticmethod
+    def _tiers(gpu: bool, host: bool) -> int:
+        tiers = (1 if gpu else 0) | (2 if host else 0)
+        if not tiers:
+            raise InvalidArgumentError("evict needs gpu=True, host=True or both")
+        return tiers
 
     def _check_batch(self, batch: Any) -> None:
         if not isinstance(batch, Batch) or batch._cache is not self:

@@ -91,6 +91,13 @@ class KVCacheConfig:
             assumes histories only grow.
         max_open_batches: batches (with their metadata) that may be alive at
             once; each costs one metadata buffer.
+        host_capacity_bytes: size of the host tier (pinned host memory on
+            CUDA); 0 disables it.  Pages evicted from the GPU tier are kept
+            there and onboarded back when their user returns.
+        offload_mode: ``'lazy'`` (write pages back to the host tier when
+            they are evicted from the GPU) or ``'eager'`` (copy a batch's
+            full pages to the host as soon as it commits, in the background,
+            so evictions cost nothing).
     """
 
     num_layers: int
@@ -105,6 +112,8 @@ class KVCacheConfig:
     max_batch_tokens: Optional[int] = None
     verify_tokens: bool = False
     max_open_batches: int = 8
+    host_capacity_bytes: int = 0
+    offload_mode: str = "lazy"
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -132,6 +141,15 @@ class KVCacheConfig:
             raise InvalidArgumentError(f"verify_tokens must be a bool, got {self.verify_tokens!r}")
         set_(self, "max_open_batches",
              _positive_int("max_open_batches", self.max_open_batches, 1, 1024))
+        set_(self, "host_capacity_bytes",
+             _positive_int("host_capacity_bytes", self.host_capacity_bytes, 0))
+        if self.offload_mode not in ("lazy", "eager"):
+            raise InvalidArgumentError(
+                f"offload_mode must be 'lazy' or 'eager', got {self.offload_mode!r}")
+        if 0 < self.host_capacity_bytes < self.num_layers * self.page_bytes:
+            raise InvalidArgumentError(
+                f"host_capacity_bytes={self.host_capacity_bytes} holds no page: one page "
+                f"of all layers takes {self.num_layers * self.page_bytes} bytes")
 
     @property
     def element_size(self) -> int:
@@ -147,6 +165,11 @@ class KVCacheConfig:
     def table_bytes(self) -> int:
         """Bytes of the whole page table: all layers, all pages."""
         return self.num_layers * self.num_pages * self.page_bytes
+
+    @property
+    def host_pages(self) -> int:
+        """Pages (of all layers) the host tier holds."""
+        return self.host_capacity_bytes // (self.num_layers * self.page_bytes)
 
     @property
     def max_tokens(self) -> int:

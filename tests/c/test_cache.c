@@ -581,7 +581,7 @@ static void test_cache_stale(void)
     req_add(&r, 1, 9);
     CHECK_OK(req_lookup(c, &r));
     CHECK_EQ(r.cached[0], 6);
-    CHECK_OK(hkv_cache_evict(c, 1, (const int64_t[]){1}));
+    CHECK_OK(hkv_cache_evict(c, 1, (const int64_t[]){1}, HKV_TIER_ALL, 0, NULL));
     CHECK_ST(req_allocate(c, &r, &b), HKV_ESTALE);
     CHECK_EQ(user_len(c, 1), 0);
     CHECK_CACHE(c);
@@ -865,9 +865,9 @@ static void test_cache_busy(void)
     CHECK_ST(req_allocate(c, &r, &b), HKV_EBUSY);
 
     /* Evicting X fails, for all listed users or none. */
-    CHECK_ST(hkv_cache_evict(c, 2, (const int64_t[]){9, 1}), HKV_EBUSY);
+    CHECK_ST(hkv_cache_evict(c, 2, (const int64_t[]){9, 1}, HKV_TIER_ALL, 0, NULL), HKV_EBUSY);
     CHECK_EQ(user_len(c, 9), 8);
-    CHECK_EQ(hkv_cache_evict_all(c), 1);        /* Z only */
+    CHECK_EQ(hkv_cache_evict_all(c, HKV_TIER_ALL, 0, NULL), 1);        /* Z only */
     CHECK_EQ(user_len(c, 9), 0);
     hkv_cache_stats(c, &after);
     CHECK_EQ(after.users_cached, 1);
@@ -888,7 +888,7 @@ static void test_cache_busy(void)
     req_add(&r, 1, 9);
     CHECK_OK(req_lookup(c, &r));
     CHECK_OK(req_allocate(c, &r, &b2));
-    CHECK_ST(hkv_cache_evict(c, 1, (const int64_t[]){1}), HKV_EBUSY);
+    CHECK_ST(hkv_cache_evict(c, 1, (const int64_t[]){1}, HKV_TIER_ALL, 0, NULL), HKV_EBUSY);
     hkv_cache_stats(c, &after);
     CHECK_EQ(after.open_batches, 3);
     CHECK_EQ(after.pages_pinned, 3);
@@ -902,7 +902,7 @@ static void test_cache_busy(void)
     CHECK_EQ(after.open_batches, 0);
     CHECK_EQ(after.pages_pinned, 0);
     CHECK(check_user_default(c, 1, 9) == 0);
-    CHECK_OK(hkv_cache_evict(c, 1, (const int64_t[]){1}));
+    CHECK_OK(hkv_cache_evict(c, 1, (const int64_t[]){1}, HKV_TIER_ALL, 0, NULL));
     CHECK_CACHE(c);
     hkv_cache_destroy(c);
 }
@@ -1200,7 +1200,7 @@ static void test_cache_evict_explicit(void)
     req_add(&r, INT64_MIN, 5);
     CHECK(req_round(c, &r) == 0);
     /* unknown ids and repeats are ignored */
-    CHECK_OK(hkv_cache_evict(c, 4, (const int64_t[]){2, 99, 2, -5}));
+    CHECK_OK(hkv_cache_evict(c, 4, (const int64_t[]){2, 99, 2, -5}, HKV_TIER_ALL, 0, NULL));
     hkv_cache_stats(c, &st);
     CHECK_EQ(st.pages_dropped, 3);
     CHECK_EQ(st.users_evicted, 1);
@@ -1208,9 +1208,9 @@ static void test_cache_evict_explicit(void)
     CHECK_EQ(st.pages_used, 4);
     CHECK_EQ(user_len(c, 2), 0);
     CHECK(check_user_default(c, INT64_MIN, 5) == 0);
-    CHECK_OK(hkv_cache_evict(c, 0, NULL));
-    CHECK_EQ(hkv_cache_evict_all(c), 3);
-    CHECK_EQ(hkv_cache_evict_all(c), 0);
+    CHECK_OK(hkv_cache_evict(c, 0, NULL, HKV_TIER_ALL, 0, NULL));
+    CHECK_EQ(hkv_cache_evict_all(c, HKV_TIER_ALL, 0, NULL), 3);
+    CHECK_EQ(hkv_cache_evict_all(c, HKV_TIER_ALL, 0, NULL), 0);
     hkv_cache_stats(c, &st);
     CHECK_EQ(st.pages_dropped, 7);
     CHECK_EQ(st.users_evicted, 4);
@@ -1625,7 +1625,7 @@ static void test_cache_latency_histograms(void)
     CHECK(req_round(c, &r) == 0);
     CHECK_ST(hkv_cache_lookup(c, -1, NULL, NULL, NULL, 0, NULL, NULL), HKV_EINVAL);
     CHECK_OK(req_lookup(c, &r));
-    CHECK_OK(hkv_cache_evict(c, 1, (const int64_t[]){1}));
+    CHECK_OK(hkv_cache_evict(c, 1, (const int64_t[]){1}, HKV_TIER_ALL, 0, NULL));
     CHECK_ST(req_allocate(c, &r, &b), HKV_ESTALE);
     hkv_cache_stats(c, &st);
     CHECK_EQ(st.lookup_latency.count, 3);       /* failed calls not counted */
@@ -1710,7 +1710,7 @@ static void *th_checker(void *p)
                                                     st.pages_total)
             a->failed = 1;
         if (++n % 50 == 0)
-            (void)hkv_cache_evict(a->c, 1, (const int64_t[]){(n / 50 % 4) * 100});
+            (void)hkv_cache_evict(a->c, 1, (const int64_t[]){(n / 50 % 4) * 100}, HKV_TIER_ALL, 0, NULL);
     }
     return NULL;
 }

@@ -472,7 +472,7 @@ static int op_batch(soak *s, int mode)
         int32_t b = (int32_t)rng_below(&s->rng, r.n);
         muser *m = &s->u[user_of(s, r.ids[b])];
         s->op = "evict before allocate";
-        hkv_status st = hkv_cache_evict(s->c, 1, &r.ids[b]);
+        hkv_status st = hkv_cache_evict(s->c, 1, &r.ids[b], HKV_TIER_ALL, 0, NULL);
         HCHECK_ST(st, m->pins > 0 ? HKV_EBUSY : HKV_OK);
         if (st == HKV_OK) {
             m->version += m->exists;
@@ -629,7 +629,7 @@ static int op_evict(soak *s)
         busy |= s->u[user_of(s, ids[k])].pins > 0;
     }
     s->op = "evict";
-    hkv_status st = hkv_cache_evict(s->c, n, ids);
+    hkv_status st = hkv_cache_evict(s->c, n, ids, HKV_TIER_ALL, 0, NULL);
     HCHECK_ST(st, busy ? HKV_EBUSY : HKV_OK);
     for (int k = 0; st == HKV_OK && k < n; k++) {
         muser *m = &s->u[user_of(s, ids[k])];
@@ -651,7 +651,7 @@ static int op_evict_all(soak *s)
             s->u[i].version++;
         }
     s->op = "evict_all";
-    HCHECK_EQ(hkv_cache_evict_all(s->c), want);
+    HCHECK_EQ(hkv_cache_evict_all(s->c, HKV_TIER_ALL, 0, NULL), want);
     return soak_check(s);
 }
 

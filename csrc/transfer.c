@@ -1,0 +1,309 @@
+/*
+ * transfer.c - streams, events and the pinned id ring of the transfer engine.
+ */
+#include "transfer.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_rt.h"
+
+#define RECORDS 256
+
+hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
+{
+    memset(x, 0, sizeof *x);
+    x->cuda = cuda;
+    x->device = device;
+    x->ring_cap = ring_cap;
+    x->rec_cap = RECORDS;
+    x->events_cap = RECORDS + 8;
+    x->records = calloc(RECORDS, sizeof *x->records);
+    x->free_events = calloc((size_t)x->events_cap, sizeof *x->free_events);
+    if (x->records == NULL || x->free_events == NULL) {
+        hkv_xfer_destroy(x);
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    }
+    hkv_status st = HKV_OK;
+    if (!cuda) {
+        x->ring = malloc((size_t)ring_cap * sizeof *x->ring);
+        if (x->ring == NULL)
+            st = hkv_error(HKV_ENOMEM, "out of host memory");
+    } else {
+        st = hkv_cuda_host_alloc((size_t)ring_cap * sizeof *x->ring, (void **)&x->ring);
+        if (st == HKV_OK)
+            st = hkv_cuda_stream_create(device, &x->onboard_stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_stream_create(device, &x->offload_stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_event_create(device, &x->caller_ready);
+        if (st == HKV_OK)
+            st = hkv_cuda_event_create(device, &x->offload_done);
+    }
+    if (st != HKV_OK)
+        hkv_xfer_destroy(x);
+    return st;
+}
+
+static hkv_status take_event(hkv_xfer *x, void **ev)
+{
+    if (x->num_free_events > 0) {
+        *ev = x->free_events[--x->num_free_events];
+        return HKV_OK;
+    }
+    return hkv_cuda_event_create(x->device, ev);
+}
+
+static void give_event(hkv_xfer *x, void *ev)
+{
+    if (x->num_free_events < x->events_cap)
+        x->free_events[x->num_free_events++] = ev;
+    else
+        (void)hkv_cuda_event_destroy(x->device, ev);
+}
+
+/* Retire the oldest record: its copy has completed. */
+static void retire(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
+{
+    hkv_xfer_record *r = &x->records[x->rec_head];
+    for (int64_t i = 0; i < r->n_gpu_pins; i++)
+        gpu_pages[r->gpu_pins[i]].pins--;
+    for (int64_t i = 0; i < r->n_host_pins; i++)
+        hkv_host_unpin(host, r->host_pins[i]);
+    x->ring_tail = r->ring_end;
+    give_event(x, r->event);
+    x->rec_head = (x->rec_head + 1) % x->rec_cap;
+    x->rec_count--;
+}
+
+hkv_status hkv_xfer_reap(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
+{
+    while (x->rec_count > 0) {
+        int done = 0;
+        hkv_status st = hkv_cuda_event_query(x->device, x->records[x->rec_head].event,
+                                             &done);
+        if (st != HKV_OK)
+            return st;
+        if (!done)
+            break;
+        retire(x, gpu_pages, host);
+    }
+    return HKV_OK;
+}
+
+/* Wait for the oldest transfer and retire it (room in the ring/records). */
+static hkv_status retire_oldest(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
+{
+    hkv_status st = hkv_cuda_event_sync(x->device, x->records[x->rec_head].event);
+    if (st == HKV_OK)
+        retire(x, gpu_pages, host);
+    return st;
+}
+
+/* Room for n ids, contiguous in the ring: *slot is the first (a monotonic
+ * slot number), *old_head what to restore if the transfer is abandoned. */
+static hkv_status ring_take(hkv_xfer *x, int64_t n, hkv_page *gpu_pages,
+                            hkv_host_tier *host, int64_t *slot, int64_t *old_head)
+{
+    if (n > x->ring_cap)
+        return hkv_error(HKV_EINVAL, "a transfer of %lld page ids exceeds the id ring "
+                         "of %lld", (long long)n, (long long)x->ring_cap);
+    for (;;) {
+        int64_t off = x->ring_head % x->ring_cap;
+        int64_t skip = off + n > x->ring_cap ? x->ring_cap - off : 0;
+        if (x->rec_count == 0)
+            x->ring_tail = x->ring_head;  /* nothing in flight: all free */
+        if (x->ring_head - x->ring_tail + skip + n <= x->ring_cap &&
+            x->rec_count < x->rec_cap) {
+            *old_head = x->ring_head;
+            *slot = x->ring_head + skip;
+            x->ring_head = *slot + n;
+            return HKV_OK;
+        }
+        hkv_status st = retire_oldest(x, gpu_pages, host);
+        if (st != HKV_OK)
+            return st;
+    }
+}
+
+static int32_t *ring_at(hkv_xfer *x, int64_t slot)
+{
+    return x->ring + slot % x->ring_cap;
+}
+
+static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
+                        const int32_t *gpu_pins, int64_t n_gpu,
+                        const int32_t *host_pins, int64_t n_host)
+{
+    hkv_xfer_record *r = &x->records[(x->rec_head + x->rec_count) % x->rec_cap];
+    r->event = event;
+    r->ring_end = ring_end;
+    r->gpu_pins = gpu_pins;
+    r->n_gpu_pins = n_gpu;
+    r->host_pins = host_pins;
+    r->n_host_pins = n_host;
+    x->rec_count++;
+}
+
+void hkv_xfer_destroy(hkv_xfer *x)
+{
+    if (x->cuda) {
+        if (x->onboard_stream)
+            (void)hkv_cuda_stream_sync(x->device, x->onboard_stream);
+        if (x->offload_stream)
+            (void)hkv_cuda_stream_sync(x->device, x->offload_stream);
+        for (int32_t i = 0; i < x->rec_count; i++)
+            (void)hkv_cuda_event_destroy(
+                x->device, x->records[(x->rec_head + i) % x->rec_cap].event);
+        for (int32_t i = 0; i < x->num_free_events; i++)
+            (void)hkv_cuda_event_destroy(x->device, x->free_events[i]);
+        if (x->caller_ready)
+            (void)hkv_cuda_event_destroy(x->device, x->caller_ready);
+        if (x->offload_done)
+            (void)hkv_cuda_event_destroy(x->device, x->offload_done);
+        if (x->onboard_stream)
+            (void)hkv_cuda_stream_destroy(x->device, x->onboard_stream);
+        if (x->offload_stream)
+            (void)hkv_cuda_stream_destroy(x->device, x->offload_stream);
+        if (x->ring)
+            (void)hkv_cuda_host_free(x->ring);
+    } else {
+        free(x->ring);
+    }
+    free(x->records);
+    free(x->free_events);
+    memset(x, 0, sizeof *x);
+}
+
+hkv_status hkv_xfer_begin(hkv_xfer *x, void *caller_stream)
+{
+    if (!x->cuda)
+        return HKV_OK;
+    return hkv_cuda_event_record(x->device, x->caller_ready, caller_stream);
+}
+
+static hkv_copy_pages_args copy_args(const hkv_table_desc *gpu, const hkv_host_tier *host,
+                                     int to_host)
+{
+    hkv_copy_pages_args a;
+    memset(&a, 0, sizeof a);
+    a.page_bytes = hkv_page_bytes(gpu);
+    a.src = to_host ? gpu->base : host->table->ptr;
+    a.dst = to_host ? host->table->ptr : gpu->base;
+    a.src_num_pages = to_host ? gpu->num_pages : host->num_pages;
+    a.dst_num_pages = to_host ? host->num_pages : gpu->num_pages;
+    return a;
+}
+
+hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_desc *gpu,
+                            hkv_host_tier *host, const int32_t *gpu_ids,
+                            const int32_t *host_ids, int64_t n, int pin_gpu, void **done)
+{
+    if (done)
+        *done = NULL;
+    if (n <= 0)
+        return HKV_OK;
+    hkv_copy_pages_args a = copy_args(gpu, host, 1);
+    a.first_layer = 0;
+    a.num_layers = gpu->num_layers;
+    a.n = n;
+    x->offload_pages += (uint64_t)n;
+    x->offload_bytes += (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
+    x->transfers++;
+    if (!x->cuda) {
+        a.src_ids = gpu_ids;
+        a.dst_ids = host_ids;
+        hkv_cpu_copy_pages(&a);
+        return HKV_OK;
+    }
+    int64_t slot, old_head;
+    hkv_status st = ring_take(x, 2 * n, gpu_pages, host, &slot, &old_head);
+    if (st != HKV_OK)
+        return st;
+    int32_t *ids = ring_at(x, slot);
+    memcpy(ids, gpu_ids, (size_t)n * sizeof *ids);
+    memcpy(ids + n, host_ids, (size_t)n * sizeof *ids);
+    a.src_ids = ids;
+    a.dst_ids = ids + n;
+    void *ev = NULL;
+    st = hkv_cuda_stream_wait_event(x->device, x->offload_stream, x->caller_ready);
+    if (st == HKV_OK)
+        st = hkv_cuda_copy_pages(&a, x->device, x->offload_stream);
+    if (st == HKV_OK)
+        st = take_event(x, &ev);
+    if (st == HKV_OK)
+        st = hkv_cuda_event_record(x->device, ev, x->offload_stream);
+    if (st == HKV_OK)
+        st = hkv_cuda_event_record(x->device, x->offload_done, x->offload_stream);
+    if (st != HKV_OK) {
+        /* Nothing reached the stream usefully: give the ring slots back. */
+        x->ring_head = old_head;
+        if (ev != NULL)
+            give_event(x, ev);
+        return st;
+    }
+    x->offload_pending = 1;
+    if (pin_gpu)
+        for (int64_t i = 0; i < n; i++)
+            gpu_pages[gpu_ids[i]].pins++;
+    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0);
+    if (done)
+        *done = ev;
+    return HKV_OK;
+}
+
+hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_desc *gpu,
+                            hkv_host_tier *host, const int32_t *host_ids,
+                            const int32_t *gpu_ids, int64_t n, void **layer_events)
+{
+    if (n <= 0)
+        return HKV_OK;
+    hkv_copy_pages_args a = copy_args(gpu, host, 0);
+    a.n = n;
+    a.num_layers = 1;
+    x->onboard_pages += (uint64_t)n;
+    x->onboard_bytes += (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
+    x->transfers++;
+    if (!x->cuda) {
+        a.src_ids = host_ids;
+        a.dst_ids = gpu_ids;
+        a.num_layers = gpu->num_layers;
+        hkv_cpu_copy_pages(&a);
+        return HKV_OK;
+    }
+    int64_t slot, old_head;
+    hkv_status st = ring_take(x, 2 * n, gpu_pages, host, &slot, &old_head);
+    if (st != HKV_OK)
+        return st;
+    int32_t *ids = ring_at(x, slot);
+    memcpy(ids, host_ids, (size_t)n * sizeof *ids);
+    memcpy(ids + n, gpu_ids, (size_t)n * sizeof *ids);
+    a.src_ids = ids;
+    a.dst_ids = ids + n;
+    st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->caller_ready);
+    if (st == HKV_OK && x->offload_pending)
+        st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
+    for (int32_t l = 0; st == HKV_OK && l < gpu->num_layers; l++) {
+        a.first_layer = l;
+        st = hkv_cuda_copy_pages(&a, x->device, x->onboard_stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_event_record(x->device, layer_events[l], x->onboard_stream);
+    }
+    void *ev = NULL;
+    if (st == HKV_OK)
+        st = take_event(x, &ev);
+    if (st == HKV_OK)
+        st = hkv_cuda_event_record(x->device, ev, x->onboard_stream);
+    if (st != HKV_OK) {
+        /* Some layers may be queued: wait for them before reusing the ids. */
+        (void)hkv_cuda_stream_sync(x->device, x->onboard_stream);
+        x->ring_head = old_head;
+        if (ev != NULL)
+            give_event(x, ev);
+        return st;
+    }
+    for (int64_t i = 0; i < n; i++)
+        host->pages[host_ids[i]].pins++;
+    push_record(x, ev, slot + 2 * n, NULL, 0, ids, n);
+    return HKV_OK;
+}
