@@ -46,6 +46,9 @@ hkv_status hkv_cuda_event_record(int device, void *event, void *stream);
 /* *done = 1 when all work captured by the event has completed. */
 hkv_status hkv_cuda_event_query(int device, void *event, int *done);
 hkv_status hkv_cuda_event_sync(int device, void *event);
+/* Fault injection: keep `stream` busy for about `us` microseconds. */
+hkv_status hkv_cuda_spin(int device, void *stream, int us);
+
 /* Make `stream` wait for `event` without blocking the host. */
 hkv_status hkv_cuda_stream_wait_event(int device, void *stream, void *event);
 

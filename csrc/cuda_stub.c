@@ -95,6 +95,14 @@ hkv_status hkv_cuda_stream_destroy(int device, void *stream)
     return no_cuda("hkv_cuda_stream_destroy");
 }
 
+hkv_status hkv_cuda_spin(int device, void *stream, int us)
+{
+    (void)device;
+    (void)stream;
+    (void)us;
+    return no_cuda("hkv_cuda_spin");
+}
+
 hkv_status hkv_cuda_stream_sync(int device, void *stream)
 {
     (void)device;

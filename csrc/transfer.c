@@ -15,6 +15,10 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
     memset(x, 0, sizeof *x);
     x->cuda = cuda;
     x->device = device;
+    const char *env = getenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US");
+    x->delay_us = env ? atoi(env) : 0;
+    env = getenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS");
+    x->skip_waits = env != NULL && atoi(env) != 0;
     x->ring_cap = ring_cap;
     x->rec_cap = RECORDS;
     x->events_cap = RECORDS + 8;
@@ -227,6 +231,8 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     a.dst_ids = ids + n;
     void *ev = NULL;
     st = hkv_cuda_stream_wait_event(x->device, x->offload_stream, x->caller_ready);
+    if (st == HKV_OK && x->delay_us > 0)
+        st = hkv_cuda_spin(x->device, x->offload_stream, x->delay_us);
     if (st == HKV_OK)
         st = hkv_cuda_copy_pages(&a, x->device, x->offload_stream);
     if (st == HKV_OK)
@@ -285,6 +291,10 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
     for (int32_t l = 0; st == HKV_OK && l < gpu->num_layers; l++) {
         a.first_layer = l;
+        if (x->delay_us > 0)
+            st = hkv_cuda_spin(x->device, x->onboard_stream, x->delay_us);
+        if (st != HKV_OK)
+            break;
         st = hkv_cuda_copy_pages(&a, x->device, x->onboard_stream);
         if (st == HKV_OK)
             st = hkv_cuda_event_record(x->device, layer_events[l], x->onboard_stream);

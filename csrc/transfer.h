@@ -57,6 +57,11 @@ typedef struct hkv_xfer {
     void **free_events;
     int32_t num_free_events;
     int32_t events_cap;
+    /* fault injection (tests): HSTU_KVCACHE_DEBUG_COPY_DELAY_US delays
+     * every copy on its stream, HSTU_KVCACHE_DEBUG_SKIP_WAITS=1 drops the
+     * caller's waits (the ordering tests must then fail) */
+    int delay_us;
+    int skip_waits;
     /* counters */
     uint64_t onboard_pages, offload_pages, onboard_bytes, offload_bytes;
     uint64_t transfers;

@@ -123,3 +123,25 @@ extern "C" hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int devi
         copy_pages_kernel<V><<<(unsigned)blocks, hkv::kBlockThreads, 0, s>>>(p))
     return hkv::launch_check("hkv_cuda_copy_pages");
 }
+
+/* Fault injection for the ordering tests: keep `stream` busy for about
+ * `us` microseconds, so a copy queued after it lands late and any missing
+ * wait shows up as wrong data. */
+__global__ void spin_kernel(long long cycles)
+{
+    long long start = clock64();
+    while (clock64() - start < cycles) {
+    }
+}
+
+extern "C" hkv_status hkv_cuda_spin(int device, void *stream, int us)
+{
+    HKV_TRY(hkv::launch_begin(device));
+    int khz = 0;
+    if (cudaDeviceGetAttribute(&khz, cudaDevAttrClockRate, device) != cudaSuccess || khz <= 0) {
+        (void)cudaGetLastError();
+        khz = 1500000;
+    }
+    spin_kernel<<<1, 1, 0, (cudaStream_t)stream>>>((long long)us * khz / 1000);
+    return hkv::launch_check("spin_kernel");
+}

@@ -1,0 +1,99 @@
+"""Host tier on the GPU: transfers equal the CPU path bit for bit, and the
+ordering contract holds under injected copy delays (and visibly breaks when
+the waits are removed, so the test can fail)."""
+
+import numpy as np
+import pytest
+
+import hstu_kvcache as hk
+
+from test_gpu import bits, pair, same_tables, serve_both
+
+torch = pytest.importorskip("torch")
+pytestmark = pytest.mark.gpu
+
+
+def host_pair(mode, gpu_pages=8, host_pages=40, **kw):
+    page_bytes = 2 * 8 * 2 * 32 * 4  # page 8, 2 heads x 32, float32
+    return pair(num_pages=gpu_pages, host_capacity_bytes=host_pages * 2 * page_bytes,
+                offload_mode=mode, **kw)
+
+
+def scenario(cpu, gpu, t_cpu, t_gpu, gen, rounds=3):
+    """Users cycle through a GPU tier too small for them: write-backs (or
+    eager copies), onboarding back, partial pages, a verified rewrite."""
+    lengths = {1: 30, 2: 17, 3: 24}
+    for r in range(rounds):
+        for u in (1, 2, 3):
+            serve_both(cpu, gpu, [u], [lengths[u]], gen)
+            same_tables(t_cpu, t_gpu)
+            lengths[u] += 3 + r
+    for u in (1, 2, 3):
+        for layer in range(2):
+            kc, vc = cpu.read(u, layer)
+            kg, vg = gpu.read(u, layer)
+            assert torch.equal(bits(kc), bits(kg).cpu()) and torch.equal(bits(vc), bits(vg).cpu())
+    sc, sg = cpu.stats(), gpu.stats()
+    for key in ("onboard_pages", "offload_pages", "writeback_pages", "pages_evicted",
+                "host_pages_used"):
+        assert sc[key] == sg[key], key
+    assert sg["onboard_pages"] > 0 and sg["offload_pages"] > 0
+    gpu.check()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_host_tier_matches_cpu(mode):
+    cpu, gpu, t_cpu, t_gpu = host_pair(mode)
+    scenario(cpu, gpu, t_cpu, t_gpu, torch.Generator().manual_seed(2))
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_ordering_holds_with_delayed_copies(mode, monkeypatch):
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "3000")
+    cpu, gpu, t_cpu, t_gpu = host_pair(mode)
+    scenario(cpu, gpu, t_cpu, t_gpu, torch.Generator().manual_seed(3))
+
+
+def test_ordering_test_fails_without_the_waits(monkeypatch):
+    """The test of the test: with the waits removed, delayed copies land after
+    the reads and writes they should precede, and results differ."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "3000")
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS", "1")
+    cpu, gpu, t_cpu, t_gpu = host_pair("lazy")
+    with pytest.raises(AssertionError):
+        scenario(cpu, gpu, t_cpu, t_gpu, torch.Generator().manual_seed(4))
+    torch.cuda.synchronize()
+
+
+def test_wait_layer_orders_a_reader():
+    """A reader of the table (a paged attention kernel) waits per layer."""
+    import os
+    os.environ["HSTU_KVCACHE_DEBUG_COPY_DELAY_US"] = "2000"
+    try:
+        _, gpu, _, t_gpu = host_pair("lazy")
+    finally:
+        del os.environ["HSTU_KVCACHE_DEBUG_COPY_DELAY_US"]
+    k = torch.randn(2, 16, 2, 32, device="cuda")
+    with gpu.prepare([1], [16]) as b:
+        gpu.append(range(2), k, k + 1, b)
+    for u in (2, 3):  # push user 1 to the host tier
+        with gpu.prepare([u], [32]) as b:
+            z = torch.zeros(2, 32, 2, 32, device="cuda")
+            gpu.append(range(2), z, z, b)
+    assert gpu.cached_tiers(1)[0] == 0
+    with gpu.prepare([1], [16]) as b:        # onboards 2 pages, delayed
+        pages = b.kv_indices.long()
+        b.wait_layer(1)
+        got = t_gpu[1, pages, 0].reshape(16, 2, 32).clone()  # a "kernel" reading layer 1
+    torch.cuda.synchronize()
+    assert torch.equal(got, k[1])
+
+
+def test_close_with_transfers_in_flight(monkeypatch):
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "5000")
+    _, gpu, _, _ = host_pair("eager")
+    k = torch.randn(2, 24, 2, 32, device="cuda")
+    with gpu.prepare([1], [24]) as b:
+        gpu.append(range(2), k, k, b)       # eager offload queued, delayed
+    assert gpu.stats()["transfers_in_flight"] >= 1
+    gpu.close()                             # waits for the copies, frees cleanly
