@@ -204,6 +204,11 @@ static int64_t offload_user(hkv_cache *c, int32_t slot, hkv_status *st)
         page = c->pool.pages[page].next;
     for (int64_t i = u->host_pages; i < full; i++, page = c->pool.pages[page].next) {
         int32_t hp = hkv_host_alloc(&c->host, slot);
+        if (hp == HKV_NO_PAGE) {
+            /* finished copies may have left dropped pages to free */
+            (void)hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
+            hp = hkv_host_alloc(&c->host, slot);
+        }
         while (hp == HKV_NO_PAGE && evict_one_host_page(c, slot))
             hp = hkv_host_alloc(&c->host, slot);
         if (hp == HKV_NO_PAGE)
