@@ -43,6 +43,8 @@ def serve(cache, ids, lengths, truth, keys=None, gen=None):
         cache.append(layer, k, v, batch)
         for b, uid in enumerate(ids):
             rows = slice(new_off[b], new_off[b + 1])
+            if new_off[b + 1] == new_off[b]:
+                continue  # nothing written: the cache keeps what it had
             ku, vu = truth.setdefault((uid, layer), (None, None))
             c = int(cached[b])
             prev_k = ku[:c] if ku is not None else k[:0]
