@@ -7,7 +7,18 @@ alternates between two histories that share their first 3968 events and
 differ in the last 128, so every request finds exactly 3968 tokens cached and
 recomputes the rest (steady state without growing the histories).
 
-    python benchmarks/bench_e2e.py [--batches 1,2,4,8,16] [--repeat 5] [--out DIR]
+Paths timed (``HSTUModel.forward``'s ``batched`` flag):
+
+- no cache, dense: the per-user ``[H, T, T]`` recompute (the plain definition);
+- no cache, batched: every user at once, every history token a row;
+- cache, batched: every user at once, only the 128 new tokens and the
+  candidates are rows, attending to the history K/V gathered from the cache;
+- cache, per-user: the readable per-user reference of the cached path.
+
+"no cache ms" is the faster no-cache path, "cache ms" the batched cached path:
+the speedup compares the best of each.
+
+    python benchmarks/bench_e2e.py [--batches 1,2,4,8,16] [--repeat 5] [--out DIR] [--profile]
 """
 
 from __future__ import annotations
@@ -42,14 +53,40 @@ def variant(batch: HSTUBatch, tail_seed: int) -> HSTUBatch:
 
 
 def timed(fn, repeat):
-    out = []
+    """Median wall time (ms) of ``fn`` from an idle GPU to its last kernel, the samples,
+    and the median host time (until ``fn`` returns): host ~ wall means launch-bound."""
+    out, host = [], []
     for _ in range(repeat):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
         fn()
+        host.append((time.perf_counter() - t0) * 1e3)
         torch.cuda.synchronize()
         out.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(out), out
+    return statistics.median(out), out, statistics.median(host)
+
+
+def profile(label, fn):
+    """Print where the GPU time (torch.profiler) and the host time (cProfile, which also
+    sees the cache's C calls) of one call of ``fn`` go."""
+    import cProfile
+    import pstats
+    from torch.profiler import ProfilerActivity, profile as prof
+    fn()
+    torch.cuda.synchronize()
+    with prof(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:
+        fn()
+        torch.cuda.synchronize()
+    print(f"\n--- profile: {label} ---")
+    print(p.key_averages().table(sort_by="cuda_time_total", row_limit=15, max_name_column_width=48))
+    torch.cuda.synchronize()
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    pr.disable()
+    torch.cuda.synchronize()
+    print(f"--- host (cProfile, tottime): {label} ---")
+    pstats.Stats(pr).sort_stats("tottime").print_stats(14)
 
 
 def main():
@@ -58,6 +95,8 @@ def main():
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--profile", action="store_true",
+                    help="print a torch.profiler table of each path at the largest batch")
     args = ap.parse_args()
     if not hk.cuda_available():
         sys.exit("needs a CUDA GPU and a CUDA build of hstu_kvcache")
@@ -75,42 +114,78 @@ def main():
     gen = torch.Generator().manual_seed(0)
     for bsz in batches:
         cache.evict_all()
+        torch.cuda.reset_peak_memory_stats()
         ids = list(range(1000 * bsz, 1000 * bsz + bsz))
         base = make_synthetic_batch(cfg, ids, [HISTORY] * bsz, [CANDIDATES] * bsz, gen).to("cuda")
         a, b = variant(base, 1), variant(base, 2)
         model(a, cache=cache, verify_tokens=True)  # fill: 4096 tokens cached per user
         flip = [a, b]
 
-        def with_cache():
+        def with_cache(batched=True):
             flip.reverse()
-            return model(flip[0], cache=cache, verify_tokens=True)
+            return model(flip[0], cache=cache, verify_tokens=True, batched=batched)
 
-        def without_cache():
-            return model(a)
-
-        with_cache()  # warm-up
-        without_cache()
-        hits_before = cache.stats()["hit_tokens"]
-        t_cache, s_cache = timed(with_cache, args.repeat)
-        hits = (cache.stats()["hit_tokens"] - hits_before) / (args.repeat * bsz)
-        t_full, s_full = timed(without_cache, args.repeat)
-        diff = float((model(a, cache=cache, verify_tokens=True).float() -
-                      model(a).float()).abs().max())
-        rows.append([bsz, t_full, t_cache, t_full / t_cache, hits, diff])
+        paths = {  # name -> callable; both cached paths keep 3968 tokens cached per call
+            "without_cache_dense": lambda: model(a, batched=False),
+            "without_cache_batched": lambda: model(a, batched=True),
+            "with_cache": with_cache,
+            "with_cache_per_user": lambda: with_cache(batched=False),
+        }
+        times, samples, host = {}, {}, {}
+        for name, fn in paths.items():
+            fn()  # warm-up
+            hits_before = cache.stats()["hit_tokens"]
+            times[name], samples[name], host[name] = timed(fn, args.repeat)
+            if name == "with_cache":
+                hits = (cache.stats()["hit_tokens"] - hits_before) / (args.repeat * bsz)
+        nc_best = min(("without_cache_dense", "without_cache_batched"), key=times.get)
+        t_full, t_cache = times[nc_best], times["with_cache"]
+        # Scores of every path for the same request (a), against the dense recompute.
+        want = model(a, batched=False).float()
+        got = {"with_cache": model(a, cache=cache, verify_tokens=True).float(),
+               "with_cache_per_user": model(a, cache=cache, verify_tokens=True, batched=False).float(),
+               "without_cache_batched": model(a, batched=True).float()}
+        scale = float(want.abs().max())
+        diffs = {k: float((v - want).abs().max()) for k, v in got.items()}
+        diff = diffs["with_cache"]
+        rows.append([bsz, t_full, t_cache, t_full / t_cache, hits, diff,
+                     times["without_cache_dense"], times["without_cache_batched"],
+                     times["with_cache_per_user"]])
         results.append({"batch": bsz, "without_cache_ms": t_full, "with_cache_ms": t_cache,
                         "speedup": t_full / t_cache, "cached_tokens_per_user": hits,
-                        "samples_without_ms": s_full, "samples_with_ms": s_cache,
-                        "max_abs_score_diff": diff})
-        print(f"batch {bsz}: {t_full:.1f} ms -> {t_cache:.1f} ms ({t_full / t_cache:.2f}x)",
-              flush=True)
+                        "without_cache_path": nc_best.removeprefix("without_cache_"),
+                        "without_cache_dense_ms": times["without_cache_dense"],
+                        "without_cache_batched_ms": times["without_cache_batched"],
+                        "with_cache_per_user_ms": times["with_cache_per_user"],
+                        "speedup_vs_per_user_cache": times["with_cache_per_user"] / t_cache,
+                        "samples_without_ms": samples[nc_best], "samples_with_ms": samples["with_cache"],
+                        "samples_ms": samples, "host_ms": host,
+                        "max_abs_score_diff": diff, "max_abs_score": scale,
+                        "max_abs_score_diff_vs_dense": diffs,
+                        "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30})
+        print(f"batch {bsz}: {t_full:.1f} ms -> {t_cache:.1f} ms ({t_full / t_cache:.2f}x)  "
+              f"[dense {times['without_cache_dense']:.1f}, batched {times['without_cache_batched']:.1f}, "
+              f"per-user cache {times['with_cache_per_user']:.1f}; cache host {host['with_cache']:.1f}; "
+              f"|diff| {diff:.3g} of {scale:.3g}]", flush=True)
+        if args.profile and bsz == min(batches):
+            profile(f"with cache, batched, batch {bsz}", with_cache)
+        if args.profile and bsz == max(batches):
+            profile(f"with cache, batched, batch {bsz}", with_cache)
+            profile(f"without cache, batched, batch {bsz}", paths["without_cache_batched"])
     print(f"\nreference HSTU model, 8 layers, d_model 1024, 4x256 heads, bf16, {HISTORY} history "
           f"({HISTORY - NEW} cached), {CANDIDATES} candidates; GPU tier only\n")
-    print(table(["batch", "no cache ms", "cache ms", "speedup", "cached/user", "max |diff|"], rows))
+    print(table(["batch", "no cache ms", "cache ms", "speedup", "cached/user", "max |diff|",
+                 "dense ms", "batched ms", "per-user cache ms"], rows))
+    print("\nno cache ms: the faster of dense (per-user T x T) and batched (all users at once);"
+          "\ncache ms: batched cached path; per-user cache ms: the per-user reference of the cached path")
     path = write_results("e2e_" + gpu_tag(), {
         "workload": {"layers": 8, "d_model": 1024, "heads": 4, "head_dim": 256,
                      "dtype": "bfloat16", "history": HISTORY, "cached": HISTORY - NEW,
                      "candidates": CANDIDATES, "repeat": args.repeat, "tier": "gpu"},
         "anchor": "recsys-examples: HSTU block 3-20x with 3968 of 4096 cached; e2e 1.3-2.6x (L20)",
+        "paths": {"without_cache_ms": "faster of without_cache_dense_ms / without_cache_batched_ms",
+                  "with_cache_ms": "batched cached path (HSTUModel.forward(batched=True))",
+                  "with_cache_per_user_ms": "per-user reference of the cached path (batched=False)"},
         "results": results}, Path(args.out) if args.out else None)
     print(f"wrote {path}")
 

@@ -24,11 +24,28 @@ candidate sees the whole history and itself, never another candidate. Hence a
 history token's K/V at every layer depend only on the tokens up to and
 including it, which is what makes caching them exact.
 
-Attention is computed per user with dense blocks (``[H, T, T]`` for the
-plain path, ``[H, new rows, history]`` for the incremental one) in a Python
-loop over users: clear, exact masks, and no padded ``[B, H, T, T]`` tensor;
-B=16 users x (4096 history + 256 candidates), 8 layers, 4 heads x 256, bf16
-took about 0.13 s on one H100.
+Two formulations of every forward, selected by ``forward(..., batched=...)``:
+
+- per user (the readable reference): :meth:`HSTULayer.attend` / :meth:`HSTULayer.attend_dense`
+  loop over users with one dense ``[H, rows_b, hist_b]`` (or ``[H, T, T]``) block each.
+  Clear and exact masks, but ~15 small kernels per user per layer and host syncs:
+  with a cache it was barely faster than recomputing (H100, 8 layers, 4 x 256 heads,
+  bf16, 4096-token histories of which 3968 cached, 256 candidates: batch 16 took
+  101 ms with the cache against 132 ms without).
+- batched (the default with a cache or chunking): :meth:`HSTULayer.attend_batched`
+  runs every user at once. Every index of the forward (row layout, padding, each
+  row's last visible history index) is planned on the host from host lengths and
+  uploaded in one copy; per layer there is no host synchronisation and the number
+  of kernels does not depend on the batch size. New history rows and candidates go
+  straight to ``cache.append`` in their ``[new ; candidates]`` layout, the history
+  K/V come back from ``cache.gather`` and are padded to ``[B, L, H, D]`` by one
+  gather (a view when all histories have one length); the scores are computed per
+  head, as strided GEMMs, in blocks bounded by ``HSTUModel.max_score_elements``.
+  Without a cache the same path treats every history token as a row: the fair
+  no-cache baseline. Same H100 workload: batch 16 runs in 18.8 ms with the cache
+  against 78 ms for the batched and 131 ms for the dense per-user recompute
+  (benchmarks/results/e2e_h100.json); small batches are bound by the host's
+  launch rate (~7.5 ms for ~400 operators), not by the GPU.
 
 Exactness: the model never lets a history token depend on later tokens (bit
 for bit at equal shapes). A from-scratch recompute of a longer history can
@@ -59,6 +76,9 @@ __all__ = [
     "HSTUModel",
     "KVCacheLike",
     "RowLayout",
+    "BatchedLayout",
+    "plan_batched_pass",
+    "token_keys_host",
     "SyntheticUsers",
     "lengths_to_offsets",
     "make_synthetic_batch",
@@ -123,6 +143,14 @@ class HSTUConfig:
     def no_action_index(self) -> int:
         """Row of the action table used by candidates, which carry no action."""
         return self.num_actions
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> Tensor:
+    """A host int64 array on ``device``; to a GPU through pinned memory, without a host sync."""
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def lengths_to_offsets(lengths: Tensor) -> Tensor:
@@ -198,6 +226,17 @@ class HSTUBatch:
 
     def validate(self, cfg: HSTUConfig) -> None:
         """Raise ``ValueError`` with a clear message if the batch does not fit ``cfg``."""
+        self.validated_host_lengths(cfg)
+
+    def validated_host_lengths(self, cfg: HSTUConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """:meth:`validate`, returning host copies ``(user_ids, history_lengths, num_candidates)``.
+
+        Why: every data-dependent check needs the device's answer on the host, and
+        each answer is a host-device round trip. The lengths and ids come over in
+        one copy and every value check is reduced on the device and read back in a
+        second one, so a forward on a GPU batch synchronises twice here, not once
+        per check; the forward then plans its layout from these host lengths.
+        """
         for name in self._INT_FIELDS:
             t = getattr(self, name)
             if not isinstance(t, Tensor):
@@ -216,7 +255,10 @@ class HSTUBatch:
             if rt.dim() != 1 or rt.numel() != B or rt.dtype != torch.int64:
                 raise ValueError("HSTUBatch.request_timestamps must be int64 [B] "
                                  f"(B={B}), got {rt.dtype} {tuple(rt.shape)}")
-        hl, nc = self.history_lengths, self.num_candidates
+        # One device -> host copy for every length and id.
+        host = torch.cat([self.user_ids, self.history_lengths.to(self.user_ids.device),
+                          self.num_candidates.to(self.user_ids.device)]).cpu().numpy()
+        uid, hl, nc = host[:B], host[B:2 * B], host[2 * B:]
         if B and int(hl.min()) < 0:
             raise ValueError(f"history_lengths must be >= 0, got {hl.tolist()}")
         if B and int(nc.min()) < 0:
@@ -233,31 +275,50 @@ class HSTUBatch:
         if B and int(hl.max()) > cfg.max_seq_len:
             b = int(hl.argmax())
             raise ValueError(
-                f"user {int(self.user_ids[b])} has {int(hl[b])} history tokens: positions "
+                f"user {int(uid[b])} has {int(hl[b])} history tokens: positions "
                 f"0..{int(hl[b]) - 1} go beyond max_seq_len={cfg.max_seq_len} (positions must be "
                 "< max_seq_len); truncate the history or raise max_seq_len")
-        for name, values, hi in (("history_item_ids", self.history_item_ids, cfg.num_items),
-                                 ("candidate_item_ids", self.candidate_item_ids, cfg.num_items),
-                                 ("history_action_ids", self.history_action_ids, cfg.num_actions)):
-            if values.numel() and (int(values.min()) < 0 or int(values.max()) >= hi):
-                raise ValueError(f"HSTUBatch.{name} must be in [0, {hi}), got range "
-                                 f"[{int(values.min())}, {int(values.max())}]")
+
+        # Every value check as a device scalar, then one copy to the host.
+        ranges = (("history_item_ids", self.history_item_ids, cfg.num_items),
+                  ("candidate_item_ids", self.candidate_item_ids, cfg.num_items),
+                  ("history_action_ids", self.history_action_ids, cfg.num_actions))
+        checks: list[Tensor] = []
+        for _, values, _ in ranges:
+            if values.numel():
+                checks += [values.min(), values.max()]
         ts = self.history_timestamps
+        h_off = np.concatenate([[0], np.cumsum(hl)])
+        has = np.flatnonzero(hl > 0)
+        check_request = self.request_timestamps is not None and has.size > 0
         if ts.numel():
-            if int(ts.min()) < 0:
+            checks.append(ts.min())
+            # Non-decreasing within each user: a decrease across a user boundary is fine.
+            dec = ts[1:] < ts[:-1]
+            boundaries = h_off[1:-1][(h_off[1:-1] > 0) & (h_off[1:-1] < total_h)] - 1
+            if boundaries.size:
+                dec[_to_device(boundaries, ts.device)] = False
+            checks.append(dec.any().to(torch.int64))
+            if check_request:
+                assert self.request_timestamps is not None
+                idx = _to_device(has, ts.device)
+                last = _to_device(h_off[1:][has] - 1, ts.device)
+                late = self.request_timestamps.to(ts.device).index_select(0, idx) < ts.index_select(0, last)
+                checks.append(late.any().to(torch.int64))
+        got = iter(torch.stack(checks).cpu().tolist() if checks else [])
+        for name, values, hi in ranges:
+            if values.numel():
+                lo_v, hi_v = next(got), next(got)
+                if lo_v < 0 or hi_v >= hi:
+                    raise ValueError(f"HSTUBatch.{name} must be in [0, {hi}), got range [{lo_v}, {hi_v}]")
+        if ts.numel():
+            if next(got) < 0:
                 raise ValueError("history_timestamps must be >= 0 (seconds since the epoch)")
-            # Non-decreasing within each user (a decrease across a user boundary is fine).
-            first = torch.zeros_like(ts, dtype=torch.bool)
-            starts = self.history_offsets()[:-1][hl > 0]
-            first[starts] = True
-            dec = (ts[1:] < ts[:-1]) & ~first[1:]
-            if bool(dec.any()):
+            if next(got):
                 raise ValueError("history_timestamps must be non-decreasing within each user")
-        if self.request_timestamps is not None and B:
-            last = self.history_offsets()[1:] - 1
-            has = hl > 0
-            if bool(has.any()) and bool((self.request_timestamps[has] < ts[last[has]]).any()):
+            if check_request and next(got):
                 raise ValueError("request_timestamps must be >= each user's last history timestamp")
+        return uid, hl, nc
 
 
 # --------------------------------------------------------------------------- #
@@ -371,6 +432,181 @@ class RowLayout:
         return len(self.num_new_history)
 
 
+@dataclass
+class BatchedLayout:
+    """How the rows of one batched pass sit in padded, head-major blocks.
+
+    Built once per pass on the host from host lengths (:func:`plan_batched_pass`)
+    and uploaded with every other index of the forward in one copy; per layer
+    the batched attention then needs no host synchronisation and launches the
+    same handful of kernels whatever the batch size.
+
+    The pass's rows are laid out per user as ``[new history ; candidates]``
+    (each user's rows consecutive, users in batch order). For attention they
+    are gathered into ``[H*B, R, D]`` (head-major: slab ``h*B + b`` is head ``h``
+    of user ``b``), user ``b``'s history K/V into ``[H*B, L, D]``, so one strided
+    batched GEMM covers every head of every user. Padding slots hold copies of a
+    real row, so every score is finite; they are hidden by the mask (history
+    columns) or dropped (rows).
+
+    Attributes:
+        batch_size: users ``B``.
+        num_rows: rows of the pass.
+        max_rows: ``R``, the most rows of one user.
+        max_history: ``L``, the longest history.
+        row_pad: ``[B*R]`` int64, the row in each slot; ``None`` when every user
+            has ``R`` rows (the rows are the slots).
+        unpad: ``[num_rows]`` int64, the slot of each row (read when ``row_pad`` is set).
+        is_candidate: ``[num_rows, 1, 1]`` model dtype, 1 for candidate rows
+            (they add their own K/V term), 0 for history rows.
+        mask_rows, mask_col0: the only corner of each ``[R, L]`` score block that
+            can hold hidden entries (rows ``< mask_rows``, columns ``>= mask_col0``):
+            a new history row at position ``p`` sees ``j <= p``, a candidate its
+            user's whole history (``j < history_length``). With 3968 of 4096
+            tokens cached the corner is 128 x 127 of 384 x 4096.
+        causal_diagonal: when every user with rows has new tokens starting at
+            one position and histories of length ``L``, the corner's mask is a
+            plain lower triangle: ``tril_(causal_diagonal)`` zeroes it in place,
+            writing only the hidden entries (no mask tensor to read). Else None.
+        hidden: ``[B, mask_rows, L - mask_col0]`` bool, True where a row must not
+            see a history column (used when ``causal_diagonal`` is None), or None
+            when nothing is hidden.
+        blocks: ``(first slab, end slab, first user, end user)`` of each block of
+            score slabs materialised at once: whole heads of every user, or one
+            head of a range of users, so that a block stays within
+            ``HSTUModel.max_score_elements``.
+    """
+
+    batch_size: int
+    num_rows: int
+    max_rows: int
+    max_history: int
+    row_pad: Tensor | None
+    unpad: Tensor
+    is_candidate: Tensor
+    mask_rows: int
+    mask_col0: int
+    causal_diagonal: int | None
+    hidden: Tensor | None
+    blocks: list[tuple[int, int, int, int]]
+
+
+def _offsets_np(lengths: np.ndarray) -> np.ndarray:
+    out = np.zeros(lengths.shape[0] + 1, dtype=np.int64)
+    np.cumsum(lengths, out=out[1:])
+    return out
+
+
+def plan_batched_pass(history_lengths: np.ndarray, history_start: np.ndarray,
+                      num_new_history: np.ndarray, num_candidates: np.ndarray,
+                      ) -> dict[str, Any]:
+    """Host-side layout of one batched pass (pure NumPy; see :class:`BatchedLayout`).
+
+    Args:
+        history_lengths: ``[B]`` whole history length per user (cached + new).
+        history_start: ``[B]`` absolute position of each user's first new row.
+        num_new_history: ``[B]`` new history rows per user in this pass.
+        num_candidates: ``[B]`` candidate rows per user in this pass.
+
+    Returns:
+        A dict of host values: ``num_rows``, ``max_rows``, ``max_history``,
+        ``mask_rows``, ``mask_col0``, ``causal_diagonal`` (int or None), and int64
+        arrays ``row_offsets`` [B+1], ``row_pad`` [B*R] (None when it is the
+        identity), ``unpad`` [rows], ``limit`` [B, mask_rows] (last visible
+        history index of each slot, -1 for none), ``is_candidate`` [rows] (0/1),
+        ``row_in_user`` and ``user_of_row`` [rows].
+    """
+    hl = np.asarray(history_lengths, dtype=np.int64)
+    start = np.asarray(history_start, dtype=np.int64)
+    n_new = np.asarray(num_new_history, dtype=np.int64)
+    n_cand = np.asarray(num_candidates, dtype=np.int64)
+    B = hl.shape[0]
+    rows_b = n_new + n_cand
+    row_off = _offsets_np(rows_b)
+    rows = int(row_off[-1])
+    R = int(rows_b.max(initial=0))
+    L = int(hl.max(initial=0))
+    user = np.repeat(np.arange(B, dtype=np.int64), rows_b)
+    r = np.arange(rows, dtype=np.int64) - row_off[:-1][user]
+    is_hist = r < n_new[user]
+    unpad = user * R + r
+    row_pad = None
+    if rows != B * R:  # some user has fewer rows than R: slots need filling
+        row_pad = np.zeros(B * R, dtype=np.int64)
+        row_pad[unpad] = np.arange(rows, dtype=np.int64)
+    # Which corner of the [R, L] block can hide anything (see BatchedLayout).
+    active = rows_b > 0
+    contributes = active & ((n_new > 0) | (hl < L))
+    mask_rows, mask_col0 = 0, L
+    if L > 0 and contributes.any():
+        mask_rows = int(np.where(hl < L, rows_b, n_new)[contributes].max())
+        mask_col0 = int(np.where(n_new > 0, start + 1, hl)[contributes].min())
+    if mask_col0 >= L:
+        mask_rows, mask_col0 = 0, L
+    causal_diagonal = None
+    if mask_rows:
+        s0 = start[active]
+        # Rows below a user's new ones (its candidates, padding) are left alone by the
+        # triangle: they sit at r >= n_new[b], whose triangle starts past the history.
+        if (n_new[active] > 0).all() and (s0 == s0[0]).all() and (hl[active] == L).all():
+            causal_diagonal = int(s0[0]) - mask_col0
+    limit = np.full(B * R, -1, dtype=np.int64)
+    limit[unpad] = np.where(is_hist, start[user] + r, hl[user] - 1)
+    limit = limit.reshape(B, R)[:, :mask_rows]
+    return {"num_rows": rows, "max_rows": R, "max_history": L, "mask_rows": mask_rows,
+            "mask_col0": mask_col0, "causal_diagonal": causal_diagonal, "row_offsets": row_off,
+            "row_pad": row_pad, "unpad": unpad, "limit": np.ascontiguousarray(limit),
+            "is_candidate": (~is_hist).astype(np.int64), "row_in_user": r, "user_of_row": user}
+
+
+def score_blocks(num_heads: int, batch_size: int, slab_elements: int, max_elements: int
+                 ) -> list[tuple[int, int, int, int]]:
+    """Blocks of ``[R, L]`` score slabs (head-major ``h*B + b``) within ``max_elements``.
+
+    Whole heads of every user when one head's slabs fit, else one head of an
+    even share of the users; each block is a contiguous slab range.
+    """
+    H, B = num_heads, batch_size
+    per_block = max(1, max_elements // max(slab_elements, 1))
+    if per_block >= B:
+        hc = min(H, per_block // B)
+        return [(h * B, min(H, h + hc) * B, 0, B) for h in range(0, H, hc)]
+    n = -(-B // per_block)
+    bc = -(-B // n)  # even blocks
+    return [(h * B + b, h * B + min(B, b + bc), b, min(B, b + bc))
+            for h in range(H) for b in range(0, B, bc)]
+
+
+class _Uploader:
+    """Collects host int64 arrays and sends them to the device in one copy.
+
+    Why: each small ``torch.tensor(..., device="cuda")`` is its own transfer (and
+    pageable, so synchronous); one pinned, non-blocking copy per forward keeps
+    the host ahead of the GPU.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list[np.ndarray] = []
+        self._views: list[tuple[int, int, tuple[int, ...]]] = []
+        self._size = 0
+
+    def add(self, array: np.ndarray) -> int:
+        """Queue ``array`` (cast to int64); returns its handle for :meth:`get`."""
+        a = np.ascontiguousarray(array, dtype=np.int64)
+        self._parts.append(a.reshape(-1))
+        self._views.append((self._size, a.size, a.shape))
+        self._size += a.size
+        return len(self._views) - 1
+
+    def upload(self, device: torch.device) -> None:
+        """Send everything queued so far to ``device`` (one copy)."""
+        self._flat = _to_device(np.concatenate(self._parts) if self._parts else np.zeros(0, np.int64), device)
+
+    def get(self, handle: int) -> Tensor:
+        off, n, shape = self._views[handle]
+        return self._flat[off:off + n].view(shape)
+
+
 class HSTULayer(nn.Module):
     """One HSTU layer, split into building blocks that work on any set of rows.
 
@@ -444,6 +680,61 @@ class HSTULayer(nn.Module):
             o[r0:r1] = ob
         return o
 
+    def attend_batched(self, q: Tensor, k: Tensor, v: Tensor, k_hist: Tensor, v_hist: Tensor,
+                       layout: BatchedLayout) -> Tensor:
+        """:meth:`attend` for every user at once, in padded blocks, without host syncs.
+
+        Args:
+            q, k, v: ``[rows, H, D]`` of the pass's rows (``k``/``v`` only for the
+                candidates' self term), laid out as ``layout`` says.
+            k_hist, v_hist: ``[H*B, L, D]`` history K/V in head-major padded slots
+                (head ``h`` of user ``b``'s token ``j`` at ``[h*B + b, j]``; slots past
+                a user's length hold any finite values: the mask hides them).
+            layout: the pass's :class:`BatchedLayout`.
+
+        Returns:
+            ``o [rows, H, D]``, equal to :meth:`attend` up to float rounding.
+
+        Per block of score slabs (one block unless the scores would exceed the
+        memory bound): ``S = alpha * Q K^T`` (alpha in the GEMM's epilogue), SiLU
+        in place, zero the hidden corner in place, ``O = S V / N`` (1/N in the
+        epilogue). Every head of every user is one strided batched GEMM: the
+        kernel count depends on neither B nor H, which matters because small
+        batches are bound by the host's launch rate, not by the GPU.
+        """
+        B, R, L = layout.batch_size, layout.max_rows, layout.max_history
+        H, D = self.num_heads, self.head_dim
+        rows = q.shape[0]
+        if rows == 0:
+            return torch.empty_like(q)
+        qt = q.transpose(0, 1)  # [H, rows, D], a view
+        q_slabs = (qt.reshape(H * B, R, D) if layout.row_pad is None
+                   else qt.index_select(1, layout.row_pad).view(H * B, R, D))
+        o_slabs = (torch.zeros if L == 0 else torch.empty)((H * B, R, D), dtype=q.dtype, device=q.device)
+        mr, c0 = layout.mask_rows, layout.mask_col0
+        for i0, i1, b0, b1 in (layout.blocks if L else []):
+            whole = i0 == 0 and i1 == H * B
+            qb = q_slabs if whole else q_slabs[i0:i1]
+            kb = k_hist if whole else k_hist[i0:i1]
+            vb = v_hist if whole else v_hist[i0:i1]
+            s = torch.empty((i1 - i0, R, L), dtype=q.dtype, device=q.device)
+            s.baddbmm_(qb, kb.transpose(1, 2), beta=0.0, alpha=self.alpha)
+            F.silu(s, inplace=True)
+            if mr:
+                corner = s[:, :mr, c0:]
+                if layout.causal_diagonal is not None:
+                    corner.tril_(layout.causal_diagonal)  # writes only the hidden entries
+                elif layout.hidden is not None:
+                    hidden = layout.hidden if b0 == 0 and b1 == B else layout.hidden[b0:b1]
+                    corner.view(-1, b1 - b0, mr, L - c0).masked_fill_(hidden, 0.0)
+            (o_slabs if whole else o_slabs[i0:i1]).baddbmm_(s, vb, beta=0.0, alpha=1.0 / self.normaliser)
+        # Back to rows: [H, B*R, D] seen as [B*R, H, D]; one copy (dropping padding slots).
+        ot = o_slabs.view(H, B * R, D).transpose(0, 1)
+        o = ot.contiguous() if layout.row_pad is None else ot.index_select(0, layout.unpad)
+        # Candidates also see themselves (and no other candidate); history rows add 0.
+        self_s = F.silu(self.alpha * (q * k).sum(-1, keepdim=True)) / self.normaliser
+        return o.addcmul_(self_s * layout.is_candidate, v)
+
     def attend_dense(self, q: Tensor, k: Tensor, v: Tensor, offsets: list[int],
                      history_lengths: list[int]) -> Tensor:
         """Plain masked attention over each user's whole ``[history ; candidates]`` sequence.
@@ -483,10 +774,15 @@ class KVCacheLike(Protocol):
     - ``lookup(user_ids, history_lengths, token_keys=None)`` (numpy int64 ids and
       lengths; token keys an int64 tensor) returns an object with
       ``cached_lengths`` (int64 ``[B]``): leading history tokens already cached.
-    - ``allocate(lookup)`` reserves room for the new tokens and returns the batch
-      metadata; the model reads ``new_history_nnz`` from it and passes it back.
-    - ``append(layer, k, v, batch)`` writes the new history tokens' K/V
-      (``[new_history_nnz, H, D]``, users one after another, cache dtype/device).
+    - ``allocate(lookup, num_candidates=None)`` reserves room for the new tokens
+      and returns the batch metadata; the model reads ``new_history_nnz`` from it
+      and passes it back. The batched path passes ``num_candidates`` (``[B]``, the
+      candidates riding with the history pass); the per-user path passes none.
+    - ``append(layer, k, v, batch)`` writes the new history tokens' K/V (cache
+      dtype/device, rows may be strided): ``[new_history_nnz, H, D]``, users one
+      after another, or, when the batch was allocated with ``num_candidates``,
+      ``[rows, H, D]`` laid out per user as ``[new history ; candidates]``, and the
+      cache skips the candidates.
     - ``gather(layer, batch)`` returns every history token's K and V (cached and
       just appended), ``[sum(history_lengths), H, D]`` each, users one after another.
     - ``batch.release()``, if present, is called when the forward ends (unpins
@@ -497,7 +793,7 @@ class KVCacheLike(Protocol):
     """
 
     def lookup(self, user_ids: Any, history_lengths: Any, token_keys: Any = None) -> Any: ...
-    def allocate(self, lookup: Any) -> Any: ...
+    def allocate(self, lookup: Any, num_candidates: Any = None) -> Any: ...
     def append(self, layer: int, k: Tensor, v: Tensor, batch: Any) -> Any: ...
     def gather(self, layer: int, batch: Any) -> tuple[Tensor, Tensor]: ...
 
@@ -528,6 +824,12 @@ class HSTUModel(nn.Module):
     float32, then cast), so two models built from one config are identical on
     any device.
     """
+
+    #: Upper bound on score elements the batched path materialises at once
+    #: (see :func:`score_blocks`): 2**28 is 512 MiB in bf16. 16 users x 4 heads x
+    #: 384 rows x 4096 history (200 MB) is one block; a no-cache pass of 16 users
+    #: (4352 rows each) runs in 8 blocks of 8 users x 1 head.
+    max_score_elements: int = 1 << 28
 
     def __init__(self, cfg: HSTUConfig) -> None:
         super().__init__()
@@ -598,7 +900,8 @@ class HSTUModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, batch: HSTUBatch, cache: KVCacheLike | None = None,
-                candidate_chunk: int | None = None, *, verify_tokens: bool = False) -> Tensor:
+                candidate_chunk: int | None = None, *, verify_tokens: bool = False,
+                batched: bool | None = None) -> Tensor:
         """Score every candidate of the batch.
 
         Args:
@@ -612,23 +915,40 @@ class HSTUModel(nn.Module):
                 computed once; the first micro-batch rides with the history pass.
             verify_tokens: pass ``token_keys(batch)`` to ``cache.lookup`` (verified
                 mode: only a prefix whose tokens match is reused).
+            batched: which formulation runs.
+
+                - ``None`` (default): the dense per-user recompute (the plain
+                  definition) without cache and chunking, else the batched
+                  incremental path.
+                - ``True``: the batched incremental path (:meth:`HSTULayer.attend_batched`):
+                  every user at once in padded blocks, no host synchronisation per
+                  layer; without a cache every history token is a row (the fair
+                  no-cache baseline of the cached path).
+                - ``False``: the per-user loops (:meth:`HSTULayer.attend` with a cache
+                  or chunking, :meth:`HSTULayer.attend_dense` otherwise): the
+                  readable reference the batched path is tested against.
 
         Returns:
             Scores ``[sum(num_candidates)]`` in the batch's candidate order, model dtype.
 
-        Without cache and chunking, this is the dense per-user recompute (the
-        plain definition); otherwise the incremental formulation. Both agree.
+        All formulations agree up to float rounding.
         """
         if candidate_chunk is not None and (not isinstance(candidate_chunk, int)
                                             or isinstance(candidate_chunk, bool) or candidate_chunk < 1):
             raise ValueError(f"candidate_chunk must be a positive int or None, got {candidate_chunk!r}")
         if verify_tokens and cache is None:
             raise ValueError("verify_tokens=True needs a cache")
+        if batched is not None and not isinstance(batched, bool):
+            raise ValueError(f"batched must be True, False or None, got {batched!r}")
         batch = batch.to(self.device)
-        batch.validate(self.cfg)
-        if cache is None and candidate_chunk is None:
-            return self._forward_dense(batch)[0]
-        return self._forward_incremental(batch, cache, candidate_chunk, verify_tokens)
+        uid, hl, nc = batch.validated_host_lengths(self.cfg)
+        if batched is None:
+            batched = cache is not None or candidate_chunk is not None
+        if not batched:
+            if cache is None and candidate_chunk is None:
+                return self._forward_dense(batch)[0]
+            return self._forward_incremental(batch, cache, candidate_chunk, verify_tokens)
+        return self._forward_batched(batch, uid, hl, nc, cache, candidate_chunk, verify_tokens)
 
     @torch.no_grad()
     def history_kv(self, batch: HSTUBatch) -> list[tuple[Tensor, Tensor]]:
@@ -795,6 +1115,198 @@ class HSTUModel(nn.Module):
                 scores[torch.tensor(cand_idx, dtype=torch.int64, device=dev)] = self.score(x[~is_hist_row])
         return scores
 
+    # ---- batched path ------------------------------------------------------ #
+
+    def _forward_batched(self, batch: HSTUBatch, uid: np.ndarray, hl: np.ndarray, nc: np.ndarray,
+                         cache: KVCacheLike | None, candidate_chunk: int | None,
+                         verify_tokens: bool) -> Tensor:
+        cfg, dev = self.cfg, self.device
+        B = hl.shape[0]
+        max_c = int(nc.max(initial=0))
+        chunk = max(max_c, 1) if candidate_chunk is None else candidate_chunk
+        if cache is None:
+            return self._batched_passes(batch, hl, nc, np.zeros(B, dtype=np.int64), chunk,
+                                        None, None, cfg.dtype, dev)
+        if np.unique(uid).size != B:
+            raise ValueError("with a cache, each user may appear at most once per batch")
+        keys = token_keys_host(batch) if verify_tokens else None
+        lk = cache.lookup(uid, hl, token_keys=keys)
+        cached = np.asarray(lk.cached_lengths, dtype=np.int64).reshape(-1)
+        if cached.shape != (B,) or (cached < 0).any() or (cached > hl).any():
+            raise RuntimeError(f"cache.lookup returned cached_lengths {cached.tolist()} for "
+                               f"history_lengths {hl.tolist()}")
+        cache_dtype, cache_device = _cache_spec(cache, cfg.dtype, dev)
+        # The first candidate micro-batch rides with the history pass: its rows are
+        # [new history ; candidates] per user, which append() takes as they are.
+        meta = cache.allocate(lk, num_candidates=np.minimum(nc, chunk))
+        try:
+            return self._batched_passes(batch, hl, nc, cached, chunk, cache, meta,
+                                        cache_dtype, cache_device)
+        finally:
+            release = getattr(meta, "release", None)
+            if callable(release):
+                release()
+
+    def _batched_passes(self, batch: HSTUBatch, hl: np.ndarray, nc: np.ndarray, cached: np.ndarray,
+                        chunk: int, cache: KVCacheLike | None, meta: Any,
+                        cache_dtype: torch.dtype, cache_device: torch.device) -> Tensor:
+        """Embed each pass's rows, run every layer on all users at once.
+
+        Host side, once: every index of the forward (which history tokens are
+        new, where each row's features and slots are, each row's last visible
+        history index) from the host lengths, uploaded in one copy. Device side:
+        per pass one embedding of its rows; per layer qkvu on all rows, append,
+        gather, pad, batched attention, finish; nothing reads a device value back.
+        """
+        cfg, dev = self.cfg, self.device
+        B = hl.shape[0]
+        new_len = hl - cached
+        n_new_total = int(new_len.sum())
+        if meta is not None and int(meta.new_history_nnz) != n_new_total:
+            raise RuntimeError(f"cache.allocate reserved {int(meta.new_history_nnz)} new tokens, "
+                               f"expected {n_new_total}")
+        h_off, c_off = _offsets_np(hl), _offsets_np(nc)
+        total_h, total_c = int(h_off[-1]), int(c_off[-1])
+        has = hl > 0
+        last = np.maximum(h_off[1:] - 1, 0)  # each user's last history token
+        with_request = batch.request_timestamps is not None
+        up = _Uploader()
+
+        # -- host: pass layouts and the features of every row ----------------------
+        # Features are read from cat([history, candidates]) tensors; timestamps from
+        # cat([history timestamps, per-user request time (0 when not given)]).
+        num_chunks = max(1, -(-int(nc.max(initial=0)) // chunk))
+        passes = []
+        for ci in range(num_chunks):
+            c_lo = np.minimum(ci * chunk, nc)
+            n_cand = np.minimum((ci + 1) * chunk, nc) - c_lo
+            n_new = new_len if ci == 0 else np.zeros(B, dtype=np.int64)
+            plan = plan_batched_pass(hl, cached, n_new, n_cand)
+            if plan["num_rows"] == 0:
+                continue
+            user, r = plan["user_of_row"], plan["row_in_user"]
+            is_cand = plan["is_candidate"].astype(bool)
+            pos_hist = cached[user] + r                      # new history rows: absolute position
+            tok = h_off[:-1][user] + pos_hist                # ... and index in the batch's history
+            cand = c_off[:-1][user] + c_lo[user] + r - n_new[user]  # candidate rows: global index
+            cand_t = (total_h + user) if with_request else np.where(has[user], last[user], total_h + user)
+            feats = np.stack([
+                np.where(is_cand, total_h + cand, tok),                              # item
+                np.where(is_cand, total_h, tok),                                     # action
+                np.where(is_cand, np.minimum(hl, cfg.max_seq_len - 1)[user], pos_hist),  # position
+                np.where(is_cand, cand_t, tok),                                      # time
+                np.where(is_cand, last[user], np.maximum(tok - 1, 0)),               # previous time
+                np.where(is_cand, ~has[user], pos_hist == 0),                        # no previous event
+            ])
+            cand_rows = np.flatnonzero(is_cand)
+            entry = {"plan": plan, "feats": up.add(feats), "unpad": up.add(plan["unpad"]),
+                     "is_cand": up.add(plan["is_candidate"]), "cand_rows": up.add(cand_rows),
+                     "cand_out": up.add(cand[cand_rows]),
+                     "limit": up.add(plan["limit"]) if plan["causal_diagonal"] is None else None,
+                     "row_pad": None if plan["row_pad"] is None else up.add(plan["row_pad"])}
+            if ci == 0:
+                # History K/V slots: user b's token j at [b, j]. From the cache's
+                # jagged gather (cached + new tokens) or, without a cache, straight
+                # from this pass's rows (every history token is a row).
+                L = plan["max_history"]
+                j = np.arange(L, dtype=np.int64)[None, :]
+                base = h_off[:-1] if cache is not None else plan["row_offsets"][:-1]
+                idx = np.where(j < hl[:, None], base[:, None] + j, 0).reshape(-1)
+                n_src = total_h if cache is not None else plan["num_rows"]
+                identity = idx.size == n_src and np.array_equal(idx, np.arange(n_src))
+                entry["hist_pad"] = None if identity else up.add(idx)
+            passes.append(entry)
+        scores = torch.empty(total_c, dtype=cfg.dtype, device=dev)
+        if not passes:
+            return scores
+        up.upload(dev)
+
+        # -- device: per-forward feature tables ------------------------------------------
+        items = torch.cat([batch.history_item_ids, batch.candidate_item_ids])
+        actions = torch.cat([batch.history_action_ids,
+                             torch.full((1,), cfg.no_action_index, dtype=torch.int64, device=dev)])
+        request = batch.request_timestamps if with_request else torch.zeros(B, dtype=torch.int64, device=dev)
+        times = torch.cat([batch.history_timestamps, request])
+
+        kept: list[tuple[Tensor, Tensor]] = []  # padded history K/V, for micro-batches after the first
+        for ci, entry in enumerate(passes):
+            plan = entry["plan"]
+            rows, R, L = plan["num_rows"], plan["max_rows"], plan["max_history"]
+            hidden = None
+            if entry["limit"] is not None and plan["mask_rows"]:
+                cols = torch.arange(plan["mask_col0"], L, device=dev)
+                hidden = cols[None, None, :] > up.get(entry["limit"])[:, :, None]
+            layout = BatchedLayout(
+                batch_size=B, num_rows=rows, max_rows=R, max_history=L,
+                row_pad=None if entry["row_pad"] is None else up.get(entry["row_pad"]),
+                unpad=up.get(entry["unpad"]),
+                is_candidate=up.get(entry["is_cand"]).to(cfg.dtype).view(rows, 1, 1),
+                mask_rows=plan["mask_rows"], mask_col0=plan["mask_col0"],
+                causal_diagonal=plan["causal_diagonal"], hidden=hidden,
+                blocks=score_blocks(cfg.num_heads, B, R * L, self.max_score_elements))
+            x = self._embed_rows(items, actions, times, up.get(entry["feats"]))
+            for li, layer in enumerate(self.layers):
+                q, k, v, u = layer.qkvu(x)
+                if ci == 0:
+                    if cache is not None:
+                        # Append the new history rows straight from the [new ; candidates]
+                        # layout (the cache skips the candidates), then read every history
+                        # token back: attention uses exactly what the cache holds.
+                        if n_new_total:
+                            cache.append(li, _as(k, cache_dtype, cache_device), _as(v, cache_dtype, cache_device),
+                                         meta)
+                        k_src, v_src = cache.gather(li, meta)
+                        if k_src.shape[0] != total_h or v_src.shape[0] != total_h:
+                            raise RuntimeError(f"cache.gather returned {k_src.shape[0]} history rows, "
+                                               f"expected sum(history_lengths) = {total_h}")
+                        k_src, v_src = _as(k_src, cfg.dtype, dev), _as(v_src, cfg.dtype, dev)
+                    else:
+                        k_src, v_src = k, v
+                    pad = entry["hist_pad"]
+                    k_hist, v_hist = (self._pad_history(t, None if pad is None else up.get(pad), B, L)
+                                      for t in (k_src, v_src))
+                    if len(passes) > 1:
+                        kept.append((k_hist, v_hist))
+                else:
+                    k_hist, v_hist = kept[li]
+                x = layer.finish(layer.attend_batched(q, k, v, k_hist, v_hist, layout), u, x)
+            cand_rows = up.get(entry["cand_rows"])
+            if cand_rows.numel():
+                scores.index_copy_(0, up.get(entry["cand_out"]), self.score(x.index_select(0, cand_rows)))
+        return scores
+
+    def _embed_rows(self, items: Tensor, actions: Tensor, times: Tensor, feats: Tensor) -> Tensor:
+        """Embeddings of a pass's rows from their feature indices (``feats [6, rows]``).
+
+        ``feats`` rows: item index into ``items``, action index into ``actions``,
+        position, time index and previous-time index into ``times``, and a flag for
+        "no previous event" (gap bucket 0). This is :func:`time_features` for
+        just these rows: the hour of week of the row's time, the bucketed gap to
+        the previous event (the user's previous token; for a candidate the last
+        history token, with the request time as its time).
+        """
+        t = times.index_select(0, feats[3])
+        how = torch.div(t, 3600, rounding_mode="floor") % NUM_HOUR_OF_WEEK
+        gap = _gap_bucket(t - times.index_select(0, feats[4])).masked_fill_(feats[5] != 0, 0)
+        return self.embed(items.index_select(0, feats[0]), actions.index_select(0, feats[1]), feats[2], how, gap)
+
+    def _pad_history(self, src: Tensor, index: Tensor | None, B: int, L: int) -> Tensor:
+        """History K or V ``[tokens, H, D]`` -> head-major padded slots ``[H*B, L, D]`` (one copy).
+
+        ``index`` [B*L] is the source token of each slot; None when the tokens
+        already are the slots (every user ``L`` long, users one after another).
+        """
+        H, D = self.cfg.num_heads, self.cfg.head_dim
+        t = src.transpose(0, 1)  # [H, tokens, D], a view
+        if index is None:
+            return t.reshape(H * B, L, D)
+        return t.index_select(1, index).view(H * B, L, D)
+
+
+def _as(t: Tensor, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """``t`` in ``dtype`` on ``device``; ``t`` itself (no dispatch) when it already is."""
+    return t if t.dtype == dtype and t.device == device else t.to(device=device, dtype=dtype)
+
 
 # --------------------------------------------------------------------------- #
 # Synthetic data for tests and demos
@@ -898,12 +1410,42 @@ class SyntheticUsers:
 _M64 = np.uint64
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    # uint64 array arithmetic wraps modulo 2**64 (well defined, unlike signed int64).
-    x = x + _M64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> _M64(30))) * _M64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> _M64(27))) * _M64(0x94D049BB133111EB)
-    return x ^ (x >> _M64(31))
+def _splitmix64_(x: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, in place on ``x`` (``tmp`` is scratch of the same shape).
+
+    uint64 array arithmetic wraps modulo 2**64 (well defined, unlike signed int64).
+    In place because this runs on every history token of every cached request.
+    """
+    x += _M64(0x9E3779B97F4A7C15)
+    np.right_shift(x, _M64(30), out=tmp)
+    x ^= tmp
+    x *= _M64(0xBF58476D1CE4E5B9)
+    np.right_shift(x, _M64(27), out=tmp)
+    x ^= tmp
+    x *= _M64(0x94D049BB133111EB)
+    np.right_shift(x, _M64(31), out=tmp)
+    x ^= tmp
+    return x
+
+
+def token_keys_host(batch: HSTUBatch) -> np.ndarray:
+    """:func:`token_keys` as a host int64 NumPy array (what ``cache.lookup`` reads).
+
+    The three features come to the host in one copy (one synchronisation for a
+    GPU batch).
+    """
+    n = batch.history_item_ids.numel()
+    feats = torch.stack([batch.history_item_ids, batch.history_action_ids.to(batch.history_item_ids.device),
+                         batch.history_timestamps.to(batch.history_item_ids.device)]).cpu().numpy()
+    u = feats.view(np.uint64)
+    x = u[0].copy()
+    tmp = np.empty(n, dtype=np.uint64)
+    _splitmix64_(x, tmp)
+    x ^= u[1]
+    _splitmix64_(x, tmp)
+    x ^= u[2]
+    _splitmix64_(x, tmp)
+    return x.view(np.int64)
 
 
 def token_keys(batch: HSTUBatch) -> Tensor:
@@ -911,10 +1453,7 @@ def token_keys(batch: HSTUBatch) -> Tensor:
 
     For the cache's verified mode: two tokens get the same key only if all three
     features match (up to 64-bit hash collisions). Returns ``[sum(history_lengths)]``
-    int64 on the batch's device (computed on the host with numpy's wrapping uint64).
+    int64 on the batch's device (computed on the host with numpy's wrapping uint64:
+    ``splitmix64(splitmix64(splitmix64(item) ^ action) ^ timestamp)``).
     """
-    item = batch.history_item_ids.cpu().numpy().astype(np.uint64)
-    action = batch.history_action_ids.cpu().numpy().astype(np.uint64)
-    ts = batch.history_timestamps.cpu().numpy().astype(np.uint64)
-    key = _splitmix64(_splitmix64(_splitmix64(item) ^ action) ^ ts)
-    return torch.from_numpy(key.view(np.int64).copy()).to(batch.history_item_ids.device)
+    return torch.from_numpy(token_keys_host(batch)).to(batch.history_item_ids.device)

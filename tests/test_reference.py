@@ -12,6 +12,7 @@ import importlib.util
 import pathlib
 import sys
 from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -54,6 +55,8 @@ class _Meta:
     positions: torch.Tensor
     batch_indices: torch.Tensor
     new_history_nnz: int
+    row_offsets: list[int]  # first row of each user in append's input with candidates
+    num_rows: int
     released: bool = False
 
     def release(self) -> None:
@@ -78,7 +81,7 @@ class FakeKVCache:
         offs = np.concatenate([[0], np.cumsum(lengths)])
         cached, keys = [], []
         for b, (u, n) in enumerate(zip(uids, lengths)):
-            kb = None if token_keys is None else token_keys[offs[b]:offs[b + 1]].cpu()
+            kb = None if token_keys is None else torch.as_tensor(token_keys[offs[b]:offs[b + 1]]).cpu()
             keys.append(kb)
             entry = self.users.get(u)
             c = 0 if entry is None else min(entry["len"], int(n))  # trust mode: append-only
@@ -91,7 +94,9 @@ class FakeKVCache:
             cached.append(c)
         return _Lookup(uids, lengths, np.array(cached, dtype=np.int64), keys)
 
-    def allocate(self, lk: _Lookup) -> _Meta:
+    def allocate(self, lk: _Lookup, num_candidates=None) -> _Meta:
+        """Like ``KVCache.allocate``: with ``num_candidates``, ``append`` also takes rows
+        laid out per user as [new history ; candidates] and skips the candidates."""
         H, D = self.num_heads, self.head_dim
         for u, n, c, kb in zip(lk.user_ids, lk.history_lengths, lk.cached_lengths, lk.token_keys):
             n, c = int(n), int(c)
@@ -106,6 +111,8 @@ class FakeKVCache:
                     entry[name].append(t)
             self.users[u] = entry
         new = lk.history_lengths - lk.cached_lengths
+        cands = np.zeros_like(new) if num_candidates is None else np.asarray(num_candidates, dtype=np.int64)
+        assert cands.shape == new.shape
         to_i32 = lambda a: torch.tensor(np.asarray(a), dtype=torch.int32, device=self.device)  # noqa: E731
         meta = _Meta(
             user_ids=lk.user_ids, cached=lk.cached_lengths.tolist(), lengths=lk.history_lengths.tolist(),
@@ -114,16 +121,21 @@ class FakeKVCache:
             positions=to_i32(np.concatenate([np.arange(c, n) for c, n in zip(lk.cached_lengths, lk.history_lengths)] + [[]])),
             batch_indices=to_i32(np.repeat(np.arange(len(new)), new)),
             new_history_nnz=int(new.sum()),
+            row_offsets=np.concatenate([[0], np.cumsum(new + cands)]).tolist(),
+            num_rows=int((new + cands).sum()),
         )
         self.batches.append(meta)
         return meta
 
     def append(self, layer_idx, k_rows, v_rows, meta: _Meta) -> None:
         assert not meta.released
+        # Rows of new history tokens only, or [new history ; candidates] per user.
+        with_cands = k_rows.shape[0] == meta.num_rows != meta.new_history_nnz
         for t in (k_rows, v_rows):
             assert t.dtype == self.dtype and t.device == self.device, (t.dtype, t.device)
-            assert t.shape == (meta.new_history_nnz, self.num_heads, self.head_dim)
-        starts = meta.new_history_offsets.tolist()
+            assert t.shape == (meta.num_rows if with_cands else meta.new_history_nnz,
+                               self.num_heads, self.head_dim)
+        starts = meta.row_offsets if with_cands else meta.new_history_offsets.tolist()
         for b, u in enumerate(meta.user_ids):
             entry = self.users[u]
             c, n = meta.cached[b], meta.lengths[b]
@@ -372,6 +384,225 @@ def test_mfalcon_with_cache():
                                                    else sum(grow)) * cfg.num_layers
 
 
+# --------------------------------------------------------------------------- #
+# The batched path against the per-user reference
+# --------------------------------------------------------------------------- #
+
+
+def assert_scores_close(got, want, rel):
+    """Max abs difference relative to the scores' scale (scores near 0 get no slack of their own)."""
+    assert got.shape == want.shape and got.dtype == want.dtype
+    if want.numel() == 0:
+        return
+    scale = float(want.float().abs().max().clamp_min(1e-6))
+    err = float((got.float() - want.float()).abs().max()) / scale
+    assert err <= rel, (err, rel)
+
+
+_REL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_equals_per_user_and_dense(dtype):
+    """Batched cached path == per-user cached path == dense recompute == batched no-cache,
+    over rounds with empty histories, users with nothing new (and without candidates),
+    different candidate counts and M-FALCON chunks."""
+    cfg = small_cfg(dtype=dtype)
+    m = R.HSTUModel(cfg)
+    users = R.SyntheticUsers(cfg, [1, 2, 3, 4, 5], initial_length=[0, 7, 30, 64, 0], seed=11)
+    fast, slow = _fake_cache(cfg), _fake_cache(cfg)
+    rounds = [  # (users, new events, candidates, chunk)
+        ([1, 2, 3, 4, 5], [0, 0, 0, 0, 0], [3, 1, 4, 2, 0], None),
+        ([1, 2, 3, 4, 5], [3, 0, 0, 5, 0], [2, 0, 5, 1, 3], None),   # nothing new, no candidates
+        ([2, 4, 1], [1, 0, 0], [4, 4, 4], 3),                         # all equal rows, chunked
+        ([5, 3], [0, 0], [1, 6], 2),                                  # empty history, all cached
+        ([1, 2, 3, 4, 5], [2, 2, 2, 2, 1], [0, 0, 0, 0, 0], None),    # no candidates at all
+        ([4, 5, 2], [9, 4, 0], [7, 1, 2], 1),
+    ]
+    for uids, grow, ncand, chunk in rounds:
+        batch = users.request(uids, new_events=grow, num_candidates=ncand)
+        before_fast, before_slow = fast.appended_rows, slow.appended_rows
+        got = m(batch, cache=fast, candidate_chunk=chunk, verify_tokens=True)
+        ref = m(batch, cache=slow, candidate_chunk=chunk, verify_tokens=True, batched=False)
+        dense = m(batch)
+        nocache = m(batch, batched=True)
+        nocache_chunked = m(batch, candidate_chunk=chunk, batched=True)
+        assert got.shape == (sum(ncand),)
+        for other in (ref, nocache, nocache_chunked):
+            assert_scores_close(got, other, _REL[dtype])
+        assert_scores_close(dense, nocache, _REL[dtype])
+        # Both paths appended exactly the new tokens.
+        assert fast.appended_rows - before_fast == slow.appended_rows - before_slow
+        assert fast.batches[-1].released
+    for u in (1, 2, 3, 4, 5):
+        for name in ("k", "v"):
+            for a, b in zip(fast.users[u][name], slow.users[u][name]):
+                torch.testing.assert_close(a, b, rtol=_REL[dtype] * 10, atol=_REL[dtype] * 10)
+
+
+def test_batched_score_blocks_bound_memory():
+    """With the scores' memory bound at one user's block, the result is the same."""
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+    batch = batch_for(cfg, [40, 0, 17, 33], [3, 5, 0, 2], seed=4)
+    full = m(batch, batched=True)
+    m.max_score_elements = 1  # one user per block
+    try:
+        assert_scores_close(m(batch, batched=True), full, 1e-6)
+        assert_scores_close(m(batch, batched=True, candidate_chunk=2), full, 1e-5)
+    finally:
+        del m.max_score_elements
+    assert_scores_close(full, m(batch), 1e-5)
+
+
+def test_batched_triangle_path():
+    """Equal lengths and one cached prefix (the serving case): the corner mask is a triangle."""
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+    users = R.SyntheticUsers(cfg, [1, 2, 3], initial_length=26, seed=12)
+    fast, slow = _fake_cache(cfg), _fake_cache(cfg)
+    for grow, chunk in ((0, None), (4, None), (3, 2)):
+        batch = users.request(new_events=grow, num_candidates=5)
+        plan = R.plan_batched_pass(batch.history_lengths.numpy(), batch.history_lengths.numpy() - grow,
+                                   np.full(3, grow), np.full(3, 5))
+        assert grow == 0 or plan["causal_diagonal"] is not None
+        dense = m(batch)
+        assert_scores_close(m(batch, cache=fast, candidate_chunk=chunk), dense, 1e-5)
+        assert_scores_close(m(batch, cache=slow, candidate_chunk=chunk, batched=False), dense, 1e-5)
+        assert_scores_close(m(batch, batched=True), dense, 1e-5)
+        m.max_score_elements = 1
+        try:
+            assert_scores_close(m(batch, batched=True, candidate_chunk=chunk), dense, 1e-5)
+        finally:
+            del m.max_score_elements
+
+
+def test_batched_path_all_histories_empty_and_no_rows():
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+    batch = batch_for(cfg, [0, 0, 0], [2, 0, 3], seed=5)
+    assert_scores_close(m(batch, batched=True), m(batch), 1e-5)
+    cache = _fake_cache(cfg)
+    assert_scores_close(m(batch, cache=cache), m(batch), 1e-5)
+    # Nothing new and no candidates: nothing to compute, nothing appended.
+    empty = batch_for(cfg, [0, 0], [0, 0], seed=6)
+    assert m(empty, cache=cache).shape == (0,)
+    assert m(empty, batched=True).shape == (0,)
+
+
+def _plan_cases():
+    rng = np.random.default_rng(0)
+    cases = []
+    for seed in range(10):
+        B = int(rng.integers(1, 6))
+        hl = rng.integers(0, 12, B)
+        if seed % 3 == 0:  # the common case: one length, one cached prefix
+            hl[:] = 11
+            start = np.full(B, int(rng.integers(0, 11)))
+        else:
+            start = np.array([rng.integers(0, n + 1) for n in hl])
+        n_new = hl - start
+        if seed % 3 == 2:  # a later M-FALCON pass: candidates only
+            start, n_new = hl.copy(), np.zeros(B, dtype=np.int64)
+        cases.append((hl, start, n_new, rng.integers(0, 4, B)))
+    cases.append((np.array([9, 9]), np.array([5, 9]), np.array([4, 0]), np.array([2, 3])))  # one user all cached
+    cases.append((np.array([9, 9]), np.array([5, 5]), np.array([4, 4]), np.array([0, 3])))
+    return cases
+
+
+@pytest.mark.parametrize("hl,start,n_new,n_cand", _plan_cases())
+def test_plan_hidden_corner_covers_the_mask(hl, start, n_new, n_cand):
+    """Every hidden (row, column) of the full per-user mask lies in the planned corner, and the
+    corner's mask (triangle or limit vector) hides exactly those of the real rows."""
+    p = R.plan_batched_pass(hl, start, n_new, n_cand)
+    L, mr, c0, diag = p["max_history"], p["mask_rows"], p["mask_col0"], p["causal_diagonal"]
+    j = np.arange(L)
+    for b in range(len(hl)):
+        for r in range(n_new[b] + n_cand[b]):
+            visible = j <= (start[b] + r if r < n_new[b] else hl[b] - 1)
+            hidden_cols = np.flatnonzero(~visible)
+            if hidden_cols.size:
+                assert r < mr and hidden_cols.min() >= c0
+            if r < mr:
+                planned = (j[c0:] - c0 > r + diag) if diag is not None else (j[c0:] > p["limit"][b, r])
+                assert np.array_equal(planned, ~visible[c0:]), (b, r)
+    assert p["num_rows"] == int((n_new + n_cand).sum()) and p["unpad"].shape == (p["num_rows"],)
+    if p["row_pad"] is not None:
+        assert np.array_equal(p["row_pad"][p["unpad"]], np.arange(p["num_rows"]))
+
+
+def test_plan_uses_the_triangle_in_the_common_case():
+    p = R.plan_batched_pass(np.array([4096] * 3), np.array([3968] * 3), np.array([128] * 3), np.array([256] * 3))
+    assert (p["mask_rows"], p["mask_col0"], p["causal_diagonal"], p["row_pad"]) == (128, 3969, -1, None)
+    p = R.plan_batched_pass(np.array([7, 5]), np.array([0, 0]), np.array([7, 5]), np.array([2, 2]))
+    assert p["causal_diagonal"] is None and p["row_pad"] is not None  # unequal lengths: limit mask
+
+
+@pytest.mark.parametrize("H,B,slab,bound", [(4, 16, 10, 10**9), (4, 16, 10, 320), (4, 16, 10, 170),
+                                             (2, 5, 10, 20), (3, 1, 10, 1)])
+def test_score_blocks_cover_every_slab_once(H, B, slab, bound):
+    blocks = R.score_blocks(H, B, slab, bound)
+    covered = [i for i0, i1, _, _ in blocks for i in range(i0, i1)]
+    assert covered == list(range(H * B))
+    for i0, i1, b0, b1 in blocks:
+        assert (i1 - i0) * slab <= max(bound, slab)
+        assert [i % B for i in range(i0, i1)] == [b for _ in range((i1 - i0) // (b1 - b0)) for b in range(b0, b1)]
+
+
+def _count_aten_ops(fn):
+    """Number of ATen operator calls made by ``fn()`` (a proxy for kernel launches)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+class _StubCache:
+    """A cache that holds ``cached`` tokens of everyone and launches no operators of its own
+    (the fake cache loops over users in Python, which would muddy an operator count)."""
+
+    def __init__(self, cfg, cached):
+        self.cfg, self.cached = cfg, cached
+
+    def lookup(self, user_ids, history_lengths, token_keys=None):
+        n = np.asarray(history_lengths)
+        return SimpleNamespace(cached_lengths=np.minimum(n, self.cached), lengths=n)
+
+    def allocate(self, lk, num_candidates=None):
+        return SimpleNamespace(new_history_nnz=int((lk.lengths - lk.cached_lengths).sum()),
+                               total=int(lk.lengths.sum()))
+
+    def append(self, layer, k, v, meta):
+        pass
+
+    def gather(self, layer, meta):
+        if not hasattr(self, "kv"):
+            self.kv = torch.zeros(meta.total, self.cfg.num_heads, self.cfg.head_dim)
+        return self.kv, self.kv
+
+
+def test_batched_op_count_does_not_grow_with_batch_size():
+    """The batched path launches the same operators for 2 users as for 7 (same shapes per
+    user), while the per-user reference grows with the batch."""
+    cfg = small_cfg()
+    m = R.HSTUModel(cfg)
+
+    def ops(n_users, batched):
+        batch = batch_for(cfg, [20] * n_users, [4] * n_users, seed=3)
+        return _count_aten_ops(lambda: m(batch, cache=_StubCache(cfg, cached=17), batched=batched))
+
+    assert ops(2, True) == ops(7, True)
+    assert ops(7, False) > ops(2, False)
+
+
 try:
     from hypothesis import HealthCheck, given, settings, strategies as st
 except ImportError:  # pragma: no cover - hypothesis is a test extra
@@ -389,7 +620,7 @@ if given is not None:
         init = data.draw(st.lists(st.integers(0, 20), min_size=n_users, max_size=n_users))
         users = R.SyntheticUsers(cfg, list(range(n_users)), initial_length=init, max_history=48,
                                  seed=data.draw(st.integers(0, 2**16)))
-        cache = _fake_cache(cfg)
+        cache, ref_cache = _fake_cache(cfg), _fake_cache(cfg)
         for _ in range(data.draw(st.integers(1, 3))):
             uids = data.draw(st.lists(st.integers(0, n_users - 1), min_size=1, max_size=n_users, unique=True))
             grow = [data.draw(st.integers(0, min(5, 48 - users.lengths[u]))) for u in uids]
@@ -397,7 +628,12 @@ if given is not None:
             chunk = data.draw(st.one_of(st.none(), st.integers(1, 4)))
             batch = users.request(uids, new_events=grow, num_candidates=ncand)
             got = _PROP_MODEL(batch, cache=cache, candidate_chunk=chunk)
-            torch.testing.assert_close(got, _PROP_MODEL(batch), rtol=1e-5, atol=1e-6)
+            dense = _PROP_MODEL(batch)
+            torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-6)
+            per_user = _PROP_MODEL(batch, cache=ref_cache, candidate_chunk=chunk, batched=False)
+            torch.testing.assert_close(per_user, dense, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(_PROP_MODEL(batch, candidate_chunk=chunk, batched=True), dense,
+                                       rtol=1e-5, atol=1e-6)
 
 
 def _real_cache_or_skip(cfg, **kw):
@@ -413,19 +649,59 @@ def _real_cache_or_skip(cfg, **kw):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, dict(rtol=1e-5, atol=1e-6)),
                                        (torch.bfloat16, dict(rtol=2e-2, atol=4e-2))])
-@pytest.mark.parametrize("verify", [False, True])
-def test_cached_forward_with_real_kvcache(dtype, tol, verify):
-    """The same rounds against the package's KVCache (CPU pool, 4-token pages)."""
+@pytest.mark.parametrize("verify,batched", [(False, None), (True, None), (True, False)])
+def test_cached_forward_with_real_kvcache(dtype, tol, verify, batched):
+    """The same rounds against the package's KVCache (CPU pool, 4-token pages), through the
+    batched path (rows appended as [new ; candidates]) and the per-user one."""
     cfg = small_cfg(dtype=dtype)
     m = R.HSTUModel(cfg)
     cache = _real_cache_or_skip(cfg, verify_tokens=verify)
     users = R.SyntheticUsers(cfg, [11, 12, 13, 14], initial_length=[0, 7, 30, 64], seed=5)
     for grow, chunk in (([0, 0, 0, 0], None), ([3, 1, 0, 5], 2), ([1, 8, 2, 0], None), ([0, 0, 0, 0], 1)):
         batch = users.request(new_events=grow, num_candidates=[3, 1, 4, 2])
-        got = m(batch, cache=cache, candidate_chunk=chunk, verify_tokens=verify)
+        got = m(batch, cache=cache, candidate_chunk=chunk, verify_tokens=verify, batched=batched)
         torch.testing.assert_close(got.float(), m(batch).float(), **tol)
     for u in (11, 12, 13, 14):
         assert cache.cached_length(u) == users.lengths[u]
+
+
+@pytest.mark.gpu
+def test_batched_path_syncs_once_per_forward_not_per_layer():
+    """On a GPU, the batched cached forward synchronises with the host the same number of
+    times for 2 layers as for 6 (only the per-forward bookkeeping), and matches the
+    per-user path. Counted with torch's sync debug mode (the C core's own calls aside)."""
+    import warnings
+
+    from hstu_kvcache import KVCache, KVCacheConfig
+
+    def syncs(num_layers):
+        cfg = small_cfg(num_layers=num_layers, device="cuda", max_seq_len=256)
+        m = R.HSTUModel(cfg)
+        cache = KVCache(KVCacheConfig(num_layers=num_layers, num_heads=cfg.num_heads,
+                                      head_dim=cfg.head_dim, num_pages=128, page_size=8,
+                                      dtype="float32", device="cuda", max_batch_size=4,
+                                      max_seq_len=256, verify_tokens=True))
+        users = R.SyntheticUsers(cfg, [1, 2, 3], initial_length=[40, 0, 75], seed=2)
+        m(users.request(num_candidates=4), cache=cache, verify_tokens=True)
+        m(users.request(new_events=[1, 1, 1], num_candidates=[4, 2, 6]), cache=cache, verify_tokens=True)
+        batch = users.request(new_events=[3, 5, 0], num_candidates=[4, 2, 6]).to("cuda")
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                got = m(batch, cache=cache, verify_tokens=True)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        n = sum("synchronizing" in str(w.message) for w in caught)
+        want = m(batch)
+        assert_scores_close(got, want, 1e-5)
+        return n
+
+    few, many = syncs(2), syncs(6)
+    print(f"host syncs per cached forward: {few} (2 layers), {many} (6 layers)")
+    # Per-forward bookkeeping only (the first forward of a process may add an allocation).
+    assert many <= few <= 8
 
 
 def test_verified_mode_recomputes_rewritten_history():
