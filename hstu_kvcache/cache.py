@@ -17,6 +17,7 @@ shapes results.
 
 from __future__ import annotations
 
+import gc
 import threading
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
 
@@ -26,7 +27,7 @@ from . import _C
 from ._tensors import (DL_CPU, DL_CUDA, Exported, capsule, current_stream, has_torch,
                        int64_array, is_torch, require_torch, torch)
 from .config import DTYPES, KVCacheConfig
-from .errors import InvalidArgumentError
+from .errors import CacheBusyError, InvalidArgumentError
 
 IntArray = Union[Sequence[int], np.ndarray, Any]
 
@@ -294,9 +295,18 @@ class KVCache:
                     f"num_candidates has {cands.shape[0]} entries for "
                     f"{lookup.user_ids.shape[0]} users")
         handle = current_stream(self.config.device_kind, self.config.device_index, stream)
-        native = self._native.allocate(lookup.user_ids, lookup.history_lengths,
-                                       lookup.cached_lengths, lookup._epochs,
-                                       lookup.token_keys, cands, handle)
+        args = (lookup.user_ids, lookup.history_lengths, lookup.cached_lengths,
+                lookup._epochs, lookup.token_keys, cands, handle)
+        try:
+            native = self._native.allocate(*args)
+        except CacheBusyError as e:
+            if "batch slots" not in str(e):
+                raise
+            # Batches that only a reference cycle keeps alive (seen under
+            # compute-sanitizer) are freed by the cyclic collector: collect
+            # once and retry before giving up.
+            gc.collect()
+            native = self._native.allocate(*args)
         return Batch(self, native, lookup)
 
     def prepare(self, user_ids: IntArray, history_lengths: IntArray,
