@@ -792,3 +792,37 @@ def test_bad_arguments_raise(model):
         R.HSTUConfig(num_heads=0)
     with pytest.raises(ValueError, match="differ in length"):
         R.make_synthetic_batch(model.cfg, [1, 2], [3], [1, 1], torch.Generator())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("mode,verify", [("lazy", False), ("eager", True)])
+def test_cached_forward_with_host_tier_evictions(device, mode, verify):
+    """Rounds of random users whose histories grow, with a GPU tier far too
+    small for them: users are evicted to the host tier and onboarded back
+    (some hit fully, some partly, some lose pages), and in verified mode some
+    histories are rewritten.  Scores equal the full recompute every round."""
+    from hstu_kvcache import KVCache, KVCacheConfig
+
+    cfg = small_cfg(device=device, max_seq_len=300)
+    m = R.HSTUModel(cfg)
+    page_bytes = 2 * 4 * cfg.num_heads * cfg.head_dim * 4
+    cache = KVCache(KVCacheConfig(
+        num_layers=cfg.num_layers, num_heads=cfg.num_heads, head_dim=cfg.head_dim,
+        num_pages=60, page_size=4, dtype="float32", device=device, max_batch_size=4,
+        max_seq_len=cfg.max_seq_len, verify_tokens=verify, offload_mode=mode,
+        host_capacity_bytes=120 * cfg.num_layers * page_bytes))
+    ids = [1, 2, 3, 4, 5, 6]
+    users = R.SyntheticUsers(cfg, ids, initial_length=[40, 0, 70, 12, 55, 90], seed=7,
+                             max_history=200)
+    rng = np.random.default_rng(3)
+    for r in range(8):
+        pick = sorted(rng.choice(ids, size=3, replace=False).tolist())
+        grow = [int(g) for g in rng.integers(0, 6, size=3)]
+        batch = users.request(pick, new_events=grow, num_candidates=[3, 2, 4])
+        if verify and r == 5:  # a rewritten event in the first user's history
+            batch.history_item_ids[3] = (batch.history_item_ids[3] + 1) % cfg.num_items
+        got = m(batch, cache=cache, verify_tokens=verify)
+        assert_scores_close(got, m(batch), 1e-5)
+    s = cache.stats()
+    assert s["onboard_pages"] > 0 and s["offload_pages"] > 0 and s["pages_evicted"] > 0
+    cache.check()
