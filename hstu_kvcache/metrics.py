@@ -114,6 +114,30 @@ METRICS: Dict[str, MetricSpec] = {
     "tokens_appended": MetricSpec(
         "hstu_kvcache_tokens_appended_total", _C,
         "History tokens written into pages, counted once per layer.", "tokens"),
+    "onboard_pages": MetricSpec(
+        "hstu_kvcache_onboard_pages_total", _C,
+        "Pages copied from the host tier to the GPU tier (all layers).", "pages"),
+    "onboard_bytes": MetricSpec(
+        "hstu_kvcache_onboard_bytes_total", _C,
+        "Bytes copied from the host tier to the GPU tier.", "bytes"),
+    "offload_pages": MetricSpec(
+        "hstu_kvcache_offload_pages_total", _C,
+        "Pages copied from the GPU tier to the host tier (all layers).", "pages"),
+    "offload_bytes": MetricSpec(
+        "hstu_kvcache_offload_bytes_total", _C,
+        "Bytes copied from the GPU tier to the host tier.", "bytes"),
+    "writeback_pages": MetricSpec(
+        "hstu_kvcache_writeback_pages_total", _C,
+        "Pages offloaded because the GPU tier evicted them (lazy write-back).", "pages"),
+    "host_pages_evicted": MetricSpec(
+        "hstu_kvcache_host_pages_evicted_total", _C,
+        "Host-tier pages taken from least recently used users.", "pages"),
+    "transfers": MetricSpec(
+        "hstu_kvcache_transfers_total", _C,
+        "Onboard and offload transfers queued.", "transfers"),
+    "transfers_failed": MetricSpec(
+        "hstu_kvcache_transfers_failed_total", _C,
+        "Offloads that could not be queued (the pages stayed on the GPU).", "transfers"),
     # -- gauges ---------------------------------------------------------------
     # not hstu_kvcache_pages_total: the _total suffix belongs to counters
     # (promtool check metrics flags a gauge that carries it)
@@ -130,6 +154,16 @@ METRICS: Dict[str, MetricSpec] = {
         "hstu_kvcache_users_cached", _G, "Users with at least one cached page.", "users"),
     "open_batches": MetricSpec(
         "hstu_kvcache_open_batches", _G, "Batches allocated and not yet released.", "batches"),
+    "host_pages_total": MetricSpec(
+        "hstu_kvcache_host_pages_capacity", _G, "Pages of the host tier.", "pages"),
+    "host_pages_free": MetricSpec(
+        "hstu_kvcache_host_pages_free", _G, "Free pages of the host tier.", "pages"),
+    "host_pages_used": MetricSpec(
+        "hstu_kvcache_host_pages_used", _G,
+        "Host-tier pages holding K/V (or still read by a copy).", "pages"),
+    "transfers_in_flight": MetricSpec(
+        "hstu_kvcache_transfers_in_flight", _G,
+        "Transfers queued on the side streams and not yet completed.", "transfers"),
     "hit_rate": MetricSpec(
         "hstu_kvcache_hit_ratio", _G,
         "Hit tokens over looked-up history tokens since the cache was created "

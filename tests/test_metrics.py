@@ -228,7 +228,7 @@ def test_unknown_keys_pass_through(cache, monkeypatch):
 
     def stats():
         s = real()
-        s["host_pages_free"] = 11                 # a gauge the table does not know
+        s["disk_pages_free"] = 11                 # a gauge the table does not know
         s["weird-key.x"] = 2.5                    # sanitised into a valid name
         s["flag"] = True                          # bools count as numbers
         s["label"] = "text"                       # not a number: left out
@@ -241,8 +241,8 @@ def test_unknown_keys_pass_through(cache, monkeypatch):
 
     monkeypatch.setattr(cache, "stats", stats)
     fams = families(metrics.render(cache))
-    fam = fams["hstu_kvcache_host_pages_free"]
-    assert fam.type == "gauge" and value(fam) == 11 and "host_pages_free" in fam.documentation
+    fam = fams["hstu_kvcache_disk_pages_free"]
+    assert fam.type == "gauge" and value(fam) == 11 and "disk_pages_free" in fam.documentation
     assert value(fams["hstu_kvcache_weird_key_x"]) == 2.5
     assert value(fams["hstu_kvcache_flag"]) == 1
     assert "hstu_kvcache_label" not in fams and "hstu_kvcache_nested" not in fams
