@@ -817,33 +817,31 @@ static void build_metadata(hkv_cache *c, hkv_batch *bt, const int64_t *lengths,
     bt->num_rows = row_off[bt->batch_size];
 }
 
-/* Upload the metadata (CUDA) and compute per-token fields. */
+/* Upload the metadata (CUDA) and compute per-token fields where they are
+ * read: on the host for the CPU path, by a kernel on the GPU. */
 static hkv_status publish_metadata(hkv_cache *c, hkv_batch *bt, void *stream)
 {
     int32_t *host = bt->host->ptr;
-    hkv_token_meta_args tm;
+    int32_t *meta = is_cuda(c) ? bt->device->ptr : host;
+    if (is_cuda(c)) {
+        size_t words = (size_t)(c->meta_offsets[HKV_META_KV_INDICES] + bt->total_pages);
+        hkv_status st = hkv_cuda_memcpy_async(c->cfg.device_index, meta, host,
+                                              words * sizeof(int32_t), stream);
+        if (st != HKV_OK)
+            return st;
+    }
+    hkv_token_meta_args tm = {
+        .new_offsets = meta_field(c, meta, HKV_META_NEW_OFFSETS),
+        .cached_lengths = meta_field(c, meta, HKV_META_CACHED_LENGTHS),
+        .batch = bt->batch_size,
+        .nnz = bt->new_tokens,
+        .batch_indices = meta_field(c, meta, HKV_META_BATCH_INDICES),
+        .positions = meta_field(c, meta, HKV_META_POSITIONS),
+    };
     if (!is_cuda(c)) {
-        tm.new_offsets = meta_field(c, host, HKV_META_NEW_OFFSETS);
-        tm.cached_lengths = meta_field(c, host, HKV_META_CACHED_LENGTHS);
-        tm.batch = bt->batch_size;
-        tm.nnz = bt->new_tokens;
-        tm.batch_indices = meta_field(c, host, HKV_META_BATCH_INDICES);
-        tm.positions = meta_field(c, host, HKV_META_POSITIONS);
         hkv_cpu_token_meta(&tm);
         return HKV_OK;
     }
-    int32_t *dev = bt->device->ptr;
-    size_t words = (size_t)(c->meta_offsets[HKV_META_KV_INDICES] + bt->total_pages);
-    hkv_status st = hkv_cuda_memcpy_async(c->cfg.device_index, dev, host,
-                                          words * sizeof(int32_t), stream);
-    if (st != HKV_OK)
-        return st;
-    tm.new_offsets = meta_field(c, dev, HKV_META_NEW_OFFSETS);
-    tm.cached_lengths = meta_field(c, dev, HKV_META_CACHED_LENGTHS);
-    tm.batch = bt->batch_size;
-    tm.nnz = bt->new_tokens;
-    tm.batch_indices = meta_field(c, dev, HKV_META_BATCH_INDICES);
-    tm.positions = meta_field(c, dev, HKV_META_POSITIONS);
     return hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
 }
 

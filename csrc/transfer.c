@@ -135,6 +135,23 @@ static int32_t *ring_at(hkv_xfer *x, int64_t slot)
     return x->ring + slot % x->ring_cap;
 }
 
+/* Put a transfer's two id lists (src, then dst) into the device-visible
+ * ring and point the copy at them. */
+static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *src_ids,
+                            const int32_t *dst_ids, int64_t n, hkv_page *gpu_pages,
+                            hkv_host_tier *host, int64_t *slot, int64_t *old_head)
+{
+    hkv_status st = ring_take(x, 2 * n, gpu_pages, host, slot, old_head);
+    if (st != HKV_OK)
+        return st;
+    int32_t *ids = ring_at(x, *slot);
+    memcpy(ids, src_ids, (size_t)n * sizeof *ids);
+    memcpy(ids + n, dst_ids, (size_t)n * sizeof *ids);
+    a->src_ids = ids;
+    a->dst_ids = ids + n;
+    return HKV_OK;
+}
+
 static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
                         const int32_t *gpu_pins, int64_t n_gpu,
                         const int32_t *host_pins, int64_t n_host)
@@ -221,14 +238,9 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         return HKV_OK;
     }
     int64_t slot, old_head;
-    hkv_status st = ring_take(x, 2 * n, gpu_pages, host, &slot, &old_head);
+    hkv_status st = stage_ids(x, &a, gpu_ids, host_ids, n, gpu_pages, host, &slot, &old_head);
     if (st != HKV_OK)
         return st;
-    int32_t *ids = ring_at(x, slot);
-    memcpy(ids, gpu_ids, (size_t)n * sizeof *ids);
-    memcpy(ids + n, host_ids, (size_t)n * sizeof *ids);
-    a.src_ids = ids;
-    a.dst_ids = ids + n;
     void *ev = NULL;
     st = hkv_cuda_stream_wait_event(x->device, x->offload_stream, x->caller_ready);
     if (st == HKV_OK && x->delay_us > 0)
@@ -252,7 +264,7 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     if (pin_gpu)
         for (int64_t i = 0; i < n; i++)
             gpu_pages[gpu_ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0);
+    push_record(x, ev, slot + 2 * n, pin_gpu ? a.src_ids : NULL, pin_gpu ? n : 0, NULL, 0);
     if (done)
         *done = ev;
     return HKV_OK;
@@ -278,14 +290,9 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         return HKV_OK;
     }
     int64_t slot, old_head;
-    hkv_status st = ring_take(x, 2 * n, gpu_pages, host, &slot, &old_head);
+    hkv_status st = stage_ids(x, &a, host_ids, gpu_ids, n, gpu_pages, host, &slot, &old_head);
     if (st != HKV_OK)
         return st;
-    int32_t *ids = ring_at(x, slot);
-    memcpy(ids, host_ids, (size_t)n * sizeof *ids);
-    memcpy(ids + n, gpu_ids, (size_t)n * sizeof *ids);
-    a.src_ids = ids;
-    a.dst_ids = ids + n;
     st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->caller_ready);
     if (st == HKV_OK && x->offload_pending)
         st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
@@ -314,6 +321,6 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     }
     for (int64_t i = 0; i < n; i++)
         host->pages[host_ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, NULL, 0, ids, n);
+    push_record(x, ev, slot + 2 * n, NULL, 0, a.src_ids, n);
     return HKV_OK;
 }
