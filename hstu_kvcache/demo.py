@@ -24,26 +24,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m hstu_kvcache demo",
         description="Serve a synthetic stream of HSTU requests with and without the KV cache.")
-    p.add_argument("--requests", type=int, default=60, help="request batches to serve")
-    p.add_argument("--users", type=int, default=24, help="distinct users in the stream")
-    p.add_argument("--batch", type=int, default=4, help="users per request batch")
-    p.add_argument("--history", type=int, default=1024, help="initial history length per user")
-    p.add_argument("--new-events", type=int, default=8, help="most new events per visit")
-    p.add_argument("--candidates", type=int, default=16, help="candidates per user")
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--d-model", type=int, default=64)
-    p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--head-dim", type=int, default=32)
+    # Sizes default per device (None = the device's default below): the CPU
+    # runs a small model in well under a minute; on a GPU the model is the
+    # benchmark's HSTU (8 layers, d_model 1024, 4 x 256), big enough that the
+    # work the cache saves is not hidden behind kernel launch overhead.
+    p.add_argument("--requests", type=int, default=None, help="request batches to serve")
+    p.add_argument("--users", type=int, default=None, help="distinct users in the stream")
+    p.add_argument("--batch", type=int, default=None, help="users per request batch")
+    p.add_argument("--history", type=int, default=None, help="initial history length per user")
+    p.add_argument("--new-events", type=int, default=None, help="most new events per visit")
+    p.add_argument("--candidates", type=int, default=None, help="candidates per user")
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--d-model", type=int, default=None)
+    p.add_argument("--heads", type=int, default=None)
+    p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--page-size", type=int, default=32)
     p.add_argument("--cache-fraction", type=float, default=0.8,
                    help="GPU/CPU tier size as a fraction of all users' histories "
                         "(below 1 some users get evicted)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                   help="default: float32 on the CPU, bfloat16 on a GPU")
     p.add_argument("--verify", action="store_true", help="verified mode (token keys)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
     return p
+
+
+#: per-device defaults of the size options
+DEFAULTS = {
+    "cpu": dict(requests=60, users=24, batch=4, history=1024, new_events=8, candidates=16,
+                layers=2, d_model=64, heads=2, head_dim=32, dtype="float32"),
+    "cuda": dict(requests=40, users=32, batch=8, history=4096, new_events=64, candidates=256,
+                 layers=8, d_model=1024, heads=4, head_dim=256, dtype="bfloat16"),
+}
 
 
 class Progress:
@@ -79,6 +93,9 @@ def run(argv: Optional[List[str]] = None) -> int:
     device = args.device
     if device == "auto":
         device = "cuda" if hk.cuda_available() and torch.cuda.is_available() else "cpu"
+    for key, value in DEFAULTS["cuda" if device.startswith("cuda") else "cpu"].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     dtype = getattr(torch, args.dtype)
     visits_per_user = math.ceil(args.requests * args.batch / args.users) + 1
     max_history = args.history + visits_per_user * args.new_events
