@@ -39,9 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heads", type=int, default=None)
     p.add_argument("--head-dim", type=int, default=None)
     p.add_argument("--page-size", type=int, default=32)
-    p.add_argument("--cache-fraction", type=float, default=0.8,
+    p.add_argument("--cache-fraction", type=float, default=None,
                    help="GPU/CPU tier size as a fraction of all users' histories "
-                        "(below 1 some users get evicted)")
+                        "(below 1 some users get evicted; default 0.8 on the CPU, "
+                        "1.1 on a GPU)")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                    help="default: float32 on the CPU, bfloat16 on a GPU")
@@ -54,9 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 #: per-device defaults of the size options
 DEFAULTS = {
     "cpu": dict(requests=60, users=24, batch=4, history=1024, new_events=8, candidates=16,
-                layers=2, d_model=64, heads=2, head_dim=32, dtype="float32"),
+                layers=2, d_model=64, heads=2, head_dim=32, dtype="float32",
+                cache_fraction=0.8),
     "cuda": dict(requests=40, users=32, batch=8, history=4096, new_events=64, candidates=256,
-                 layers=8, d_model=1024, heads=4, head_dim=256, dtype="bfloat16"),
+                 layers=8, d_model=1024, heads=4, head_dim=256, dtype="bfloat16",
+                 cache_fraction=1.1),
 }
 
 
