@@ -55,6 +55,14 @@ static PyObject *raise_einval(const char *fmt, ...)
     return raise_status(hkv_error(HKV_EINVAL, "%s", msg));
 }
 
+/* None on success, else the status's exception. */
+static PyObject *none_or_raise(hkv_status st)
+{
+    if (st != HKV_OK)
+        return raise_status(st);
+    Py_RETURN_NONE;
+}
+
 static PyObject *set_error_types(PyObject *self, PyObject *arg)
 {
     (void)self;
@@ -389,12 +397,7 @@ static PyObject *Cache_lookup(CacheObject *self, PyObject *args)
                                             int_ptr(&ids), int_ptr(&lens),
                                             int_ptr(&keys), int_len(&keys),
                                             int_ptr(&cached), int_ptr(&epochs)));
-    if (st != HKV_OK) {
-        raise_status(st);
-        goto out;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_raise(st);
 out:
     put_buffer(&ids);
     put_buffer(&lens);
@@ -553,12 +556,7 @@ static PyObject *Cache_copy_pages(CacheObject *self, PyObject *args)
     hkv_status st;
     WITHOUT_GIL(self, st = hkv_cache_copy_pages(self->cache, to_staging, first, count,
                                                 &ids.t, &staging.t, stream));
-    if (st != HKV_OK) {
-        raise_status(st);
-        goto out;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_raise(st);
 out:
     release_import(&ids);
     release_import(&staging);
@@ -826,12 +824,7 @@ static PyObject *Batch_append(BatchObject *self, PyObject *args)
     hkv_status st;
     WITHOUT_GIL(owner, st = hkv_batch_append(self->batch, first, count, &k.t, &v.t,
                                              stream));
-    if (st != HKV_OK) {
-        raise_status(st);
-        goto out;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_raise(st);
 out:
     release_import(&k);
     release_import(&v);
@@ -857,12 +850,7 @@ static PyObject *Batch_read(BatchObject *self, PyObject *args)
     hkv_status st;
     WITHOUT_GIL(owner, st = hkv_batch_read(self->batch, layer, &k.t, &v.t, &bi.t,
                                            &pos.t, stream));
-    if (st != HKV_OK) {
-        raise_status(st);
-        goto out;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_raise(st);
 out:
     release_import(&k);
     release_import(&v);
@@ -952,12 +940,7 @@ static PyObject *mod_strip(PyObject *self, PyObject *args)
     st = hkv_strip_tensors(&im[0].t, &im[1].t, &im[2].t, &im[3].t, &im[4].t,
                            &im[5].t, stream);
     Py_END_ALLOW_THREADS
-    if (st != HKV_OK) {
-        raise_status(st);
-        goto out;
-    }
-    ret = Py_None;
-    Py_INCREF(ret);
+    ret = none_or_raise(st);
 out:
     for (int i = 0; i < 6; i++)
         release_import(&im[i]);
