@@ -28,6 +28,8 @@ hkv_status hkv_cuda_free(int device, void *ptr);
 /* Pinned (page-locked) host memory. */
 hkv_status hkv_cuda_host_alloc(size_t bytes, void **ptr);
 hkv_status hkv_cuda_host_free(void *ptr);
+/* The device's address of pinned host memory (kernels read it directly). */
+hkv_status hkv_cuda_host_device_pointer(void *host, void **dev);
 
 /* Synchronous fill, for initialisation only. */
 hkv_status hkv_cuda_memset(int device, void *ptr, int value, size_t bytes);

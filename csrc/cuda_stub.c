@@ -103,6 +103,13 @@ hkv_status hkv_cuda_spin(int device, void *stream, int us)
     return no_cuda("hkv_cuda_spin");
 }
 
+hkv_status hkv_cuda_host_device_pointer(void *host, void **dev)
+{
+    (void)host;
+    *dev = NULL;
+    return no_cuda("hkv_cuda_host_device_pointer");
+}
+
 hkv_status hkv_cuda_stream_sync(int device, void *stream)
 {
     (void)device;

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda_rt.h"
+
 hkv_status hkv_host_tier_init(hkv_host_tier *ht, int32_t num_pages, size_t table_bytes,
                               hkv_mem_kind kind, int device, int32_t page_size,
                               int verify)
@@ -29,6 +31,11 @@ hkv_status hkv_host_tier_init(hkv_host_tier *ht, int32_t num_pages, size_t table
     hkv_status st = hkv_token_filter_init(&ht->keys, num_pages, page_size, verify);
     if (st == HKV_OK)
         st = hkv_buffer_new(kind, device, table_bytes, &ht->table);
+    if (st == HKV_OK) {
+        ht->table_dev = ht->table->ptr;
+        if (kind == HKV_MEM_PINNED)
+            st = hkv_cuda_host_device_pointer(ht->table->ptr, &ht->table_dev);
+    }
     if (st != HKV_OK)
         hkv_host_tier_free_all(ht);
     return st;

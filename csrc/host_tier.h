@@ -26,6 +26,7 @@
 
 typedef struct hkv_host_tier {
     hkv_buffer *table;
+    void *table_dev;          /* the table's device address (CUDA), else ptr */
     hkv_page *pages;          /* owner / prev / next / pins per page      */
     uint64_t *free_bits;      /* 1 = free                                 */
     int32_t num_pages;

@@ -115,8 +115,9 @@ typedef struct hkv_pages_args {
  * then reads or writes it across PCIe itself ("zero-copy"), which moves
  * scattered pages at close to the link's speed with a few dozen blocks and
  * needs no staging buffer.  max_blocks bounds the SMs taken from concurrent
- * work (0: a default of 32).  The ids must be readable by the device (device
- * memory or mapped pinned memory) and dst_ids must not repeat.
+ * work (0: a default of 32).  On CUDA every pointer (tables and ids) is the
+ * device's address (hkv_cuda_host_device_pointer for pinned memory), and
+ * dst_ids must not repeat.
  */
 typedef struct hkv_copy_pages_args {
     const void *src;

@@ -36,6 +36,8 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
     } else {
         st = hkv_cuda_host_alloc((size_t)ring_cap * sizeof *x->ring, (void **)&x->ring);
         if (st == HKV_OK)
+            st = hkv_cuda_host_device_pointer(x->ring, (void **)&x->ring_dev);
+        if (st == HKV_OK)
             st = hkv_cuda_stream_create(device, &x->onboard_stream);
         if (st == HKV_OK)
             st = hkv_cuda_stream_create(device, &x->offload_stream);
@@ -147,8 +149,10 @@ static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *
     int32_t *ids = ring_at(x, *slot);
     memcpy(ids, src_ids, (size_t)n * sizeof *ids);
     memcpy(ids + n, dst_ids, (size_t)n * sizeof *ids);
-    a->src_ids = ids;
-    a->dst_ids = ids + n;
+    /* the kernel reads them through the device's mapping of the ring */
+    int32_t *dev = x->ring_dev + (ids - x->ring);
+    a->src_ids = dev;
+    a->dst_ids = dev + n;
     return HKV_OK;
 }
 
@@ -209,8 +213,10 @@ static hkv_copy_pages_args copy_args(const hkv_table_desc *gpu, const hkv_host_t
     hkv_copy_pages_args a;
     memset(&a, 0, sizeof a);
     a.page_bytes = hkv_page_bytes(gpu);
-    a.src = to_host ? gpu->base : host->table->ptr;
-    a.dst = to_host ? host->table->ptr : gpu->base;
+    /* on CUDA the host table is given by its device address (the CPU path
+     * uses the same pointer: table_dev == table->ptr there) */
+    a.src = to_host ? gpu->base : host->table_dev;
+    a.dst = to_host ? host->table_dev : gpu->base;
     a.src_num_pages = to_host ? gpu->num_pages : host->num_pages;
     a.dst_num_pages = to_host ? host->num_pages : gpu->num_pages;
     return a;
@@ -264,7 +270,8 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     if (pin_gpu)
         for (int64_t i = 0; i < n; i++)
             gpu_pages[gpu_ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, pin_gpu ? a.src_ids : NULL, pin_gpu ? n : 0, NULL, 0);
+    const int32_t *ids = ring_at(x, slot);  /* host view of the staged ids */
+    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0);
     if (done)
         *done = ev;
     return HKV_OK;
@@ -321,6 +328,6 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     }
     for (int64_t i = 0; i < n; i++)
         host->pages[host_ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, NULL, 0, a.src_ids, n);
+    push_record(x, ev, slot + 2 * n, NULL, 0, ring_at(x, slot), n);
     return HKV_OK;
 }

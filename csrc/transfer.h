@@ -47,6 +47,7 @@ typedef struct hkv_xfer {
     void *offload_done;      /* after the last offload                     */
     int offload_pending;     /* an offload was queued since creation       */
     int32_t *ring;
+    int32_t *ring_dev;       /* the ring's device address (CUDA)           */
     int64_t ring_cap;
     int64_t ring_head;       /* next free slot (monotonic, mod ring_cap)   */
     int64_t ring_tail;       /* oldest slot still used                     */

@@ -93,6 +93,13 @@ extern "C" hkv_status hkv_cuda_host_alloc(size_t bytes, void **ptr)
     return HKV_OK;
 }
 
+extern "C" hkv_status hkv_cuda_host_device_pointer(void *host, void **dev)
+{
+    *dev = NULL;
+    HKV_CUDA_TRY(cudaHostGetDevicePointer(dev, host, 0));
+    return HKV_OK;
+}
+
 extern "C" hkv_status hkv_cuda_host_free(void *ptr)
 {
     if (!ptr)

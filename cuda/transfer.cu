@@ -70,20 +70,6 @@ copy_pages_kernel(const CopyParams p)
     }
 }
 
-/* The device's address of a pointer: mapped pinned host memory has one of
- * its own only on systems without unified addressing; ask the runtime. */
-hkv_status device_address(const void *p, const void **out)
-{
-    cudaPointerAttributes attr;
-    if (cudaPointerGetAttributes(&attr, p) != cudaSuccess) {
-        (void)cudaGetLastError();
-        *out = p;   /* unregistered: let the launch fail loudly */
-        return HKV_OK;
-    }
-    *out = attr.type == cudaMemoryTypeHost && attr.devicePointer ? attr.devicePointer : p;
-    return HKV_OK;
-}
-
 }  // namespace
 
 extern "C" hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device,
@@ -92,11 +78,9 @@ extern "C" hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int devi
     HKV_TRY(hkv::launch_begin(device));
     if (a->n <= 0 || a->num_layers <= 0 || a->page_bytes <= 0)
         return HKV_OK;
-    const void *src, *dst, *src_ids, *dst_ids;
-    HKV_TRY(device_address(a->src, &src));
-    HKV_TRY(device_address(a->dst, &dst));
-    HKV_TRY(device_address(a->src_ids, &src_ids));
-    HKV_TRY(device_address(a->dst_ids, &dst_ids));
+    /* every pointer is the device's address already (kernels.h) */
+    const void *src = a->src, *dst = a->dst;
+    const void *src_ids = a->src_ids, *dst_ids = a->dst_ids;
 
     const int width = hkv::pick_width(hkv::addr_bits(src) | hkv::addr_bits(dst) |
                                       (uint64_t)a->page_bytes);
