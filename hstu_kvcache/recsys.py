@@ -65,7 +65,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -564,7 +564,10 @@ class KVCacheManager:
             new_history_offsets=offsets, batch_indices=batch.batch_indices,
             position=batch.positions, new_history_nnz=int(batch.new_history_nnz),
             new_history_nnz_cuda=offsets[-1:],
-            kv_seqlens=batch.total_history_lengths, kv_seqlen_offsets=batch.total_history_offsets,
+            # Scratch the anchor's attention prep fills in place: fresh buffers,
+            # never views of the batch's metadata the core's kernels read.
+            kv_seqlens=torch.empty_like(batch.total_history_lengths),
+            kv_seqlen_offsets=torch.empty_like(batch.total_history_offsets),
             kv_cache_table=self._gpu.gpu_kvcache_tables, kv_onload_handle=handle,
             max_seqlen=int(hist.max()) if len(hist) else 0, batch=batch)
 

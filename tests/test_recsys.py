@@ -247,3 +247,76 @@ def test_bad_inputs_raise_kvcache_errors():
         mgr.allocate_kvcache(im, res)
     for exc in (InvalidArgumentError, InvalidStateError, CacheBusyError, StaleLookupError):
         assert issubclass(exc, KVCacheError)
+
+
+class FacadeAsModelCache:
+    """The reference model's cache protocol (lookup / allocate / append /
+    gather / release) spoken through the facade only, the way a
+    recsys-examples pipeline drives it."""
+
+    def __init__(self, mgr: KVCacheManager):
+        self.mgr = mgr
+        self.config = mgr.cache.config          # dtype and device for the model
+
+    def lookup(self, user_ids, history_lengths, token_keys=None):
+        assert token_keys is None
+        index_meta, res = self.mgr.lookup_kvcache(torch.as_tensor(user_ids),
+                                                  torch.as_tensor(history_lengths))
+        res.index_meta = index_meta
+        return res
+
+    def allocate(self, res, num_candidates=None):
+        assert num_candidates is None
+        meta = self.mgr.allocate_kvcache(res.index_meta, res)
+        self.mgr.onboard_launch(res.index_meta, res, meta)
+        meta.release = lambda: self.mgr.offload_launch(res.index_meta, meta)
+        return meta
+
+    def append(self, layer, k, v, meta):
+        meta.kv_onload_handle.stream_wait_layer(layer)
+        self.mgr.gpu_kvcache_mgr.put(k.contiguous(), v.contiguous(), layer, meta)
+
+    def gather(self, layer, meta):
+        indptr, last = ints(meta.kv_indptr), ints(meta.kv_last_page_len)
+        parts = [self.mgr.gpu_kvcache_mgr.get(meta.kv_indices[indptr[b]:indptr[b + 1]],
+                                              last[b], layer) for b in range(len(last))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def test_reference_model_through_the_facade_scores_like_no_cache():
+    from hstu_kvcache import reference as R
+    cfg = R.HSTUConfig(num_items=500, num_actions=5, d_model=32, num_heads=2, head_dim=16,
+                       num_layers=3, max_seq_len=128, seed=7)
+    model = R.HSTUModel(cfg)
+    page_bytes = 2 * 8 * 2 * 16 * 4
+    mgr = KVCacheManager.from_config(get_kvcache_config(
+        num_layers=3, num_heads=2, head_dim=16, page_size=8, offload_chunksize=8,
+        num_primary_cache_pages=64, num_buffer_pages=0, host_capacity_per_layer=64 * page_bytes,
+        max_batch_size=4, max_seq_len=128, dtype=torch.float32, device="cpu",
+        host_kvstorage_backend="native"))
+    cache = FacadeAsModelCache(mgr)
+    users = R.SyntheticUsers(cfg, [11, 12, 13], initial_length=[0, 9, 30], seed=5)
+    for r, grow in enumerate([[0, 0, 0], [3, 1, 5], [1, 8, 2], [2, 2, 2]]):
+        batch = users.request(new_events=grow, num_candidates=[3, 1, 4])
+        scores = model(batch, cache=cache, batched=False)
+        torch.testing.assert_close(scores, model(batch), rtol=1e-5, atol=1e-6)
+        if r == 1:       # the next request onboards users 12 and 13 from the host
+            mgr.evict(torch.tensor([12, 13]), for_gpu=True)
+            assert mgr.cache.cached_tiers(13) == (0, 32)
+    assert mgr.cache.stats()["onboard_pages"] > 0
+
+
+def test_eager_mode_offloads_full_pages_at_commit():
+    mgr = make(offload_mode="eager")
+    im, res = mgr.lookup_kvcache(torch.tensor([1, 2]), torch.tensor([10, 4]))
+    meta = mgr.allocate_kvcache(im, res)
+    truth: Truth = {}
+    put_all(mgr, meta, [1, 2], "cpu", truth, torch.Generator().manual_seed(2))
+    assert mgr.offload_launch(im, meta) is None          # the core copies by itself
+    mgr.offload_flush()
+    _, res = mgr.lookup_kvcache(torch.tensor([1, 2]), torch.tensor([10, 4]))
+    assert ints(res.gpu_cached_lengths) == [10, 4]
+    assert ints(res.host_cached_lengths) == [8, 4]        # full pages only
+    mgr.evict(torch.tensor([1, 2]), for_gpu=True)
+    _, res = mgr.lookup_kvcache(torch.tensor([1, 2]), torch.tensor([10, 4]))
+    assert ints(res.cached_lengths) == [8, 4] and ints(res.gpu_cached_lengths) == [0, 0]
