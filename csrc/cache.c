@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "async_queue.h"
 #include "cuda_rt.h"
 #include "host_tier.h"
 #include "page_pool.h"
@@ -63,6 +64,7 @@ struct hkv_cache {
     hkv_token_filter filter;
     hkv_host_tier host;              /* num_pages == 0: no host tier       */
     hkv_xfer xfer;
+    hkv_worker *worker;              /* prepare thread, started on demand   */
     int32_t *xfer_a;                 /* page id scratch of one transfer    */
     int32_t *xfer_b;
     int32_t reuse_wait;              /* a page still read by a copy was
@@ -660,6 +662,8 @@ void hkv_cache_destroy(hkv_cache *c)
 {
     if (c == NULL)
         return;
+    /* first: queued prepares are cancelled, a running one finishes */
+    hkv_worker_stop(c->worker);
     for (int32_t i = 0; i < c->num_blocks; i++) {
         hkv_batch *b = c->blocks[i];
         if (b->in_use) {
@@ -1151,6 +1155,29 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
 out:
     pthread_mutex_unlock(&c->lock);
     return st;
+}
+
+hkv_status hkv_cache_prepare_async(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                                   const int64_t *history_lengths,
+                                   const int64_t *cached_lengths, const uint64_t *epochs,
+                                   const int64_t *token_keys, int64_t num_keys,
+                                   const int64_t *num_candidates, void *stream,
+                                   struct hkv_prepare_job **out)
+{
+    *out = NULL;
+    if (cached_lengths == NULL || epochs == NULL)
+        return hkv_error(HKV_EINVAL, "allocate needs the cached lengths and "
+                         "epochs of a lookup");
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    if (c->worker == NULL)
+        st = hkv_worker_start(c, c->max_blocks, c->cfg.max_batch_size, &c->worker);
+    hkv_worker *w = c->worker;
+    pthread_mutex_unlock(&c->lock);
+    if (st != HKV_OK)
+        return st;
+    return hkv_prepare_submit(w, batch, user_ids, history_lengths, cached_lengths, epochs,
+                              token_keys, num_keys, num_candidates, stream, out);
 }
 
 void hkv_batch_get_info(hkv_batch *b, hkv_batch_info *info)

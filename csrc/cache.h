@@ -182,6 +182,18 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
 void hkv_batch_get_info(hkv_batch *b, hkv_batch_info *info);
 
 /*
+ * The same allocation, run on the cache's worker thread (started on first
+ * use): returns at once with a job to wait for (async_queue.h).
+ */
+struct hkv_prepare_job;
+hkv_status hkv_cache_prepare_async(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                                   const int64_t *history_lengths,
+                                   const int64_t *cached_lengths, const uint64_t *epochs,
+                                   const int64_t *token_keys, int64_t num_keys,
+                                   const int64_t *num_candidates, void *stream,
+                                   struct hkv_prepare_job **out);
+
+/*
  * append: write layer(s) [first_layer, first_layer + num_layers) of the new
  * tokens' K and V.  k and v are [rows, H, D] (or [rows, H*D]) for one layer,
  * [num_layers, rows, H, D] for several; rows is the batch's new_tokens, or

@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "async_queue.h"
 #include "cache.h"
 #include "cuda_rt.h"
 #include "dlpack.h"
@@ -292,8 +293,15 @@ typedef struct {
     PyObject *owner;   /* the CacheObject, kept alive while the batch is */
 } BatchObject;
 
+typedef struct {
+    PyObject_HEAD
+    hkv_prepare_job *job;
+    PyObject *owner;   /* the CacheObject */
+} PrepareObject;
+
 static PyTypeObject CacheType;
 static PyTypeObject BatchType;
+static PyTypeObject PrepareType;
 
 static int cache_ready(CacheObject *self)
 {
@@ -450,6 +458,59 @@ static PyObject *Cache_allocate(CacheObject *self, PyObject *args)
     bo->owner = (PyObject *)self;
     Py_INCREF(self);
     ret = (PyObject *)bo;
+out:
+    put_buffer(&ids);
+    put_buffer(&lens);
+    put_buffer(&cached);
+    put_buffer(&epochs);
+    put_buffer(&keys);
+    put_buffer(&cand);
+    return ret;
+}
+
+static PyObject *Cache_prepare_async(CacheObject *self, PyObject *args)
+{
+    PyObject *ids_o, *len_o, *cached_o, *epochs_o, *keys_o, *cand_o, *stream_o;
+    if (!PyArg_ParseTuple(args, "OOOOOOO", &ids_o, &len_o, &cached_o, &epochs_o,
+                          &keys_o, &cand_o, &stream_o) || !cache_ready(self))
+        return NULL;
+    int_buffer ids, lens, cached, epochs, keys, cand;
+    lens.held = cached.held = epochs.held = keys.held = cand.held = 0;
+    void *stream;
+    PyObject *ret = NULL;
+    if (get_int64s(ids_o, "user_ids", &ids, -1, 0, 0) ||
+        get_int64s(len_o, "history_lengths", &lens, int_len(&ids), 0, 0) ||
+        get_int64s(cached_o, "cached_lengths", &cached, int_len(&ids), 0, 0) ||
+        get_int64s(epochs_o, "epochs", &epochs, int_len(&ids), 0, 0) ||
+        get_int64s(keys_o, "token_keys", &keys, -1, 0, 1) ||
+        get_int64s(cand_o, "num_candidates", &cand, int_len(&ids), 0, 1) ||
+        get_stream(stream_o, &stream))
+        goto out;
+    if (int_len(&ids) > INT32_MAX) {
+        raise_einval("batch too large");
+        goto out;
+    }
+    PrepareObject *po = PyObject_New(PrepareObject, &PrepareType);
+    if (po == NULL)
+        goto out;
+    po->job = NULL;
+    po->owner = NULL;
+    hkv_status st;
+    hkv_prepare_job *job = NULL;
+    WITHOUT_GIL(self, st = hkv_cache_prepare_async(self->cache, (int32_t)int_len(&ids),
+                                                   int_ptr(&ids), int_ptr(&lens),
+                                                   int_ptr(&cached), int_ptr(&epochs),
+                                                   int_ptr(&keys), int_len(&keys),
+                                                   int_ptr(&cand), stream, &job));
+    if (st != HKV_OK) {
+        Py_DECREF(po);
+        raise_status(st);
+        goto out;
+    }
+    po->job = job;
+    po->owner = (PyObject *)self;
+    Py_INCREF(self);
+    ret = (PyObject *)po;
 out:
     put_buffer(&ids);
     put_buffer(&lens);
@@ -719,6 +780,9 @@ static PyMethodDef Cache_methods[] = {
     {"allocate", (PyCFunction)Cache_allocate, METH_VARARGS,
      "allocate(user_ids, history_lengths, cached, epochs, token_keys, "
      "num_candidates, stream) -> Batch"},
+    {"prepare_async", (PyCFunction)Cache_prepare_async, METH_VARARGS,
+     "prepare_async(user_ids, history_lengths, cached, epochs, token_keys, "
+     "num_candidates, stream) -> Prepare (allocation on the worker thread)"},
     {"meta_offsets", (PyCFunction)Cache_meta_offsets, METH_NOARGS,
      "Offsets of the metadata fields in a batch's int32 block."},
     {"export_table", (PyCFunction)Cache_export_table, METH_VARARGS,
@@ -914,6 +978,64 @@ static PyTypeObject BatchType = {
 };
 
 /* ------------------------------------------------------------------ */
+/* Prepare type: an allocation running on the worker thread            */
+
+static void Prepare_dealloc(PrepareObject *self)
+{
+    if (self->job != NULL)
+        hkv_prepare_free(self->job);  /* never blocks */
+    Py_XDECREF(self->owner);
+    PyObject_Free(self);
+}
+
+static PyObject *Prepare_done(PrepareObject *self, PyObject *unused)
+{
+    (void)unused;
+    return PyBool_FromLong(hkv_prepare_done(self->job));
+}
+
+static PyObject *Prepare_wait(PrepareObject *self, PyObject *args)
+{
+    double timeout = -1.0;
+    if (!PyArg_ParseTuple(args, "d", &timeout))
+        return NULL;
+    int64_t ns = timeout < 0 ? -1 : (int64_t)(timeout * 1e9);
+    hkv_batch *bt = NULL;
+    hkv_status st;
+    /* The job outlives the cache, so no busy count: close() may proceed. */
+    Py_BEGIN_ALLOW_THREADS
+    st = hkv_prepare_wait(self->job, ns, &bt);
+    Py_END_ALLOW_THREADS
+    if (st != HKV_OK)
+        return raise_status(st);
+    BatchObject *bo = PyObject_New(BatchObject, &BatchType);
+    if (bo == NULL) {
+        hkv_batch_free(bt);
+        return NULL;
+    }
+    bo->batch = bt;
+    bo->owner = self->owner;
+    Py_INCREF(self->owner);
+    return (PyObject *)bo;
+}
+
+static PyMethodDef Prepare_methods[] = {
+    {"done", (PyCFunction)Prepare_done, METH_NOARGS, "True once the allocation finished."},
+    {"wait", (PyCFunction)Prepare_wait, METH_VARARGS,
+     "wait(timeout_s) -> Batch (timeout < 0: forever)"},
+    {NULL, NULL, 0, NULL}};
+
+static PyTypeObject PrepareType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "hstu_kvcache._C.Prepare",
+    .tp_basicsize = sizeof(PrepareObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "An allocation in flight on the worker thread.",
+    .tp_dealloc = (destructor)Prepare_dealloc,
+    .tp_methods = Prepare_methods,
+};
+
+/* ------------------------------------------------------------------ */
 /* module functions                                                    */
 
 static PyObject *mod_strip(PyObject *self, PyObject *args)
@@ -983,7 +1105,8 @@ static struct PyModuleDef moduledef = {
 
 PyMODINIT_FUNC PyInit__C(void)
 {
-    if (PyType_Ready(&CacheType) < 0 || PyType_Ready(&BatchType) < 0)
+    if (PyType_Ready(&CacheType) < 0 || PyType_Ready(&BatchType) < 0 ||
+        PyType_Ready(&PrepareType) < 0)
         return NULL;
     PyObject *m = PyModule_Create(&moduledef);
     if (m == NULL)

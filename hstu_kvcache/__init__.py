@@ -10,7 +10,7 @@ from ._C import cuda_built as _cuda_built
 
 _errors._install()
 
-from .cache import Batch, KVCache, LookupResult, cuda_available  # noqa: E402
+from .cache import Batch, KVCache, LookupResult, PendingBatch, cuda_available  # noqa: E402
 from .config import KVCacheConfig  # noqa: E402
 from .errors import (CacheBusyError, CacheFullError, CudaError, InvalidArgumentError,  # noqa: E402
                      InvalidStateError, KVCacheError, NoDeviceError, OutOfMemoryError,
@@ -26,7 +26,7 @@ def cuda_built() -> bool:
 
 
 __all__ = [
-    "Batch", "KVCache", "KVCacheConfig", "LookupResult", "cuda_available", "cuda_built",
+    "Batch", "KVCache", "KVCacheConfig", "LookupResult", "PendingBatch", "cuda_available", "cuda_built",
     "strip_cached_tokens", "KVCacheError", "InvalidArgumentError", "CacheFullError",
     "StaleLookupError", "CacheBusyError", "InvalidStateError", "CudaError",
     "NoDeviceError", "OutOfMemoryError", "__version__",

@@ -216,6 +216,29 @@ class Batch:
                 f"released={self.released})")
 
 
+class PendingBatch:
+    """A batch being allocated on the cache's worker thread (see
+    :meth:`KVCache.prepare_async`).  ``lookup`` is ready at once; the batch
+    comes from :meth:`wait`."""
+
+    def __init__(self, cache: "KVCache", native: Any, lookup: LookupResult):
+        self._cache = cache
+        self._native = native
+        self.lookup = lookup
+
+    def ready(self) -> bool:
+        """True once the allocation has finished (without blocking)."""
+        return bool(self._native.done())
+
+    def wait(self, timeout: Optional[float] = None) -> Batch:
+        """Block until the allocation has finished (at most ``timeout``
+        seconds) and return the batch.  Raises the allocation's error
+        (``CacheFullError``, ``StaleLookupError``...) or ``CacheBusyError``
+        when the timeout passed first (the prepare stays pending)."""
+        native = self._native.wait(-1.0 if timeout is None else max(0.0, float(timeout)))
+        return Batch(self._cache, native, self.lookup)
+
+
 class KVCache:
     """A paged KV cache for HSTU inference (see :class:`KVCacheConfig`).
 
@@ -308,6 +331,31 @@ class KVCache:
             gc.collect()
             native = self._native.allocate(*args)
         return Batch(self, native, lookup)
+
+    def prepare_async(self, user_ids: IntArray, history_lengths: IntArray,
+                      token_keys: Optional[IntArray] = None,
+                      num_candidates: Optional[IntArray] = None,
+                      stream: Any = None) -> PendingBatch:
+        """:meth:`lookup` now, :meth:`allocate` on the cache's worker thread.
+
+        Returns at once: the caller strips the cached tokens
+        (``pending.lookup.cached_lengths``) and runs its embedding lookup while
+        the worker allocates pages, evicts, writes back, uploads the metadata
+        and launches the onboarding on ``stream`` and the side streams; then
+        ``pending.wait()`` gives the :class:`Batch`."""
+        lookup = self.lookup(user_ids, history_lengths, token_keys)
+        cands = None
+        if num_candidates is not None:
+            cands = int64_array(num_candidates, "num_candidates")
+            if cands.shape != lookup.user_ids.shape:
+                raise InvalidArgumentError(
+                    f"num_candidates has {cands.shape[0]} entries for "
+                    f"{lookup.user_ids.shape[0]} users")
+        handle = current_stream(self.config.device_kind, self.config.device_index, stream)
+        native = self._native.prepare_async(lookup.user_ids, lookup.history_lengths,
+                                            lookup.cached_lengths, lookup._epochs,
+                                            lookup.token_keys, cands, handle)
+        return PendingBatch(self, native, lookup)
 
     def prepare(self, user_ids: IntArray, history_lengths: IntArray,
                 token_keys: Optional[IntArray] = None,

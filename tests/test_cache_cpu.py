@@ -14,6 +14,9 @@ from hstu_kvcache import (CacheBusyError, CacheFullError, InvalidArgumentError,
 torch = pytest.importorskip("torch")
 
 H, D = 2, 8
+FIELDS_CPU = ["kv_indptr", "kv_indices", "kv_last_page_len", "total_history_lengths",
+              "total_history_offsets", "cached_lengths", "new_history_lengths",
+              "new_history_offsets", "row_offsets", "batch_indices", "positions"]
 
 
 def make(**kw):

@@ -97,3 +97,33 @@ def test_close_with_transfers_in_flight(monkeypatch):
         gpu.append(range(2), k, k, b)       # eager offload queued, delayed
     assert gpu.stats()["transfers_in_flight"] >= 1
     gpu.close()                             # waits for the copies, frees cleanly
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_async_prepare_on_gpu_matches_cpu(mode, monkeypatch):
+    """The worker thread issues the allocation's CUDA work (metadata upload,
+    write-backs, layer-wise onboarding) on the caller's and the side streams;
+    results equal the synchronous CPU path, also with delayed copies."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "1000")
+    cpu, gpu, t_cpu, t_gpu = host_pair(mode)
+    gen = torch.Generator().manual_seed(9)
+    lengths = {1: 30, 2: 17, 3: 24}
+    for r in range(3):
+        for u in (1, 2, 3):
+            b_cpu = cpu.prepare([u], [lengths[u]])
+            b_gpu = gpu.prepare_async([u], [lengths[u]]).wait(30.0)
+            k = torch.randn(2, b_cpu.new_history_nnz, 2, 32, generator=gen)
+            cpu.append(range(2), k, k + 1, b_cpu)
+            gpu.append(range(2), k.cuda(), k.cuda() + 1, b_gpu)
+            for layer in range(2):
+                kc, vc = cpu.gather(layer, b_cpu)
+                kg, vg = gpu.gather(layer, b_gpu)
+                torch.cuda.synchronize()
+                assert torch.equal(bits(kc), bits(kg).cpu()) and torch.equal(bits(vc), bits(vg).cpu())
+            b_cpu.release()
+            b_gpu.release()
+            del b_cpu, b_gpu
+            same_tables(t_cpu, t_gpu)
+            lengths[u] += 2 + r
+    assert gpu.stats()["onboard_pages"] > 0
+    gpu.check()
