@@ -444,6 +444,13 @@ class NativeHostKVStorage:
 class KVCacheManager:
     """The anchor's user-facing manager, on one native :class:`KVCache`.
 
+    Batch lifecycle: each ``allocate_kvcache`` opens a native batch whose
+    users stay pinned until it is released.  The anchor has no "request
+    done" call, so a batch is released at the next ``allocate_kvcache``,
+    ``offload_*`` or ``evict*`` call once every layer was put (it then counts
+    as cached); a batch not fully put stays open, and :meth:`release_all`
+    abandons such requests (rolled back, nothing half-written is cached).
+
     Not meant to be shared by concurrent requests from several threads (the
     anchor's contract too); the native cache underneath is thread-safe.
     """

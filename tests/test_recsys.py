@@ -320,3 +320,18 @@ def test_eager_mode_offloads_full_pages_at_commit():
     mgr.evict(torch.tensor([1, 2]), for_gpu=True)
     _, res = mgr.lookup_kvcache(torch.tensor([1, 2]), torch.tensor([10, 4]))
     assert ints(res.cached_lengths) == [8, 4] and ints(res.gpu_cached_lengths) == [0, 0]
+
+
+def test_release_all_rolls_back_an_abandoned_request():
+    mgr = make()
+    im, res = mgr.lookup_kvcache(torch.tensor([1]), torch.tensor([8]))
+    meta = mgr.allocate_kvcache(im, res)
+    mgr.gpu_kvcache_mgr.put(torch.ones(8, H, D), torch.ones(8, H, D), 0, meta)  # layer 0 only
+    mgr.offload_launch(im, meta)                 # not finished: stays open, user pinned
+    with pytest.raises(CacheBusyError):
+        mgr.evict(torch.tensor([1]), for_gpu=True)
+    mgr.release_all()
+    _, res = mgr.lookup_kvcache(torch.tensor([1]), torch.tensor([8]))
+    assert ints(res.cached_lengths) == [0]
+    mgr.evict_all(for_gpu=True, for_host=True)
+    mgr.cache.check()
