@@ -109,6 +109,7 @@ int main(int argc, char **argv)
     run_cache_tests();
     run_strip_tests();
     run_soak_tests();
+    run_async_tests();
 
     printf("%d passed, %d failed\n", passed, failed);
     free(filters);
