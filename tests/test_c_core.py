@@ -18,3 +18,13 @@ def test_c_core_under_asan_and_ubsan():
     tail = (proc.stdout + proc.stderr)[-6000:]
     assert proc.returncode == 0, tail
     assert " 0 failed" in proc.stdout, tail
+
+
+@pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
+                    reason="needs make and gcc")
+def test_c_core_threads_under_tsan():
+    proc = subprocess.run(["make", "-C", str(ROOT), "tsan"], capture_output=True, text=True,
+                          timeout=900)
+    tail = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, tail
+    assert " 0 failed" in proc.stdout and "ThreadSanitizer" not in proc.stdout + proc.stderr, tail
