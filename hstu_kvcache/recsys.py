@@ -56,9 +56,9 @@ GPU only), so ``offload_chunksize`` is validated but the unit of offload is a
 page; ``num_buffer_pages`` is validated and recorded but unused (the core needs
 no staging pages); timeouts and the fail policy are recorded (host-tier
 transfers are memcpys that do not time out); the ``flexkv`` backend is not
-offered.  ``strip_cached_tokens`` with the anchor's feature-order semantics is
-not part of this facade: use :func:`hstu_kvcache.strip_cached_tokens` on each
-jagged feature with ``lookup_res.cached_lengths``.
+offered.  :func:`strip_cached_tokens` follows the anchor's feature layout
+(contextual features first, then the interleaved item and action history) on
+flat jagged tensors and runs the package's strip kernel on the GPU.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ __all__ = [
     "KVCacheConfig", "get_kvcache_config", "KVCacheManager", "KVCacheOffloadMode",
     "KVLookupResult", "KVIndexMeta", "KVCacheMetadata", "HostKVTaskStatus",
     "HostKVTaskHandle", "HostKVWaitResult", "DeviceKVCache", "GPUKVCacheManager",
-    "NativeHostKVStorage",
+    "NativeHostKVStorage", "strip_cached_tokens",
 ]
 
 _EXTRA_NATIVE_KEYS = ("max_batch_tokens", "max_open_batches", "verify_tokens")
@@ -731,3 +731,48 @@ def _copy_into(dst: KVCacheMetadata, src: KVCacheMetadata) -> None:
 
 #: Backward-compatible alias, as in the anchor.
 GPUKVCacheManager = DeviceKVCache
+
+
+def strip_cached_tokens(values: Any, lengths: Any, offsets: Any, num_cached: Any,
+                        feature_order: List[str]) -> Tuple[Any, Any, Any]:
+    """Drop cached tokens from the jagged features of a batch, as the anchor's
+    inference loop does before embedding.
+
+    The features are laid out feature-major, like a KeyedJaggedTensor:
+    ``lengths`` holds ``len(feature_order) * B`` segment lengths (all users of
+    the first feature, then of the second...), ``offsets`` their
+    ``len(lengths) + 1`` offsets into ``values``.  ``feature_order`` names each
+    feature's kind: ``"contextual"`` (one token per user, placed before the
+    history), ``"item"`` and ``"action"`` (the history, whose tokens alternate
+    item, action, item...; exactly one of each).  ``num_cached`` [B] counts the
+    cached tokens of each user's sequence, contextual tokens included.
+
+    Per user with ``c = max(num_cached - num_contextual, 0)`` cached history
+    tokens, ``c - c // 2`` item and ``c // 2`` action tokens are dropped, and a
+    contextual feature is dropped entirely unless nothing is cached (its token
+    is part of the cached prefix).  Returns ``(values, lengths, offsets)`` of
+    the kept tokens, on the device of ``values``.
+    """
+    from .features import strip_cached_tokens as strip_segments
+
+    kinds = list(feature_order)
+    if any(k not in ("contextual", "item", "action") for k in kinds) or \
+            kinds.count("item") != 1 or kinds.count("action") != 1:
+        raise InvalidArgumentError(
+            "feature_order must name each feature 'contextual', 'item' or 'action', "
+            f"with exactly one item and one action feature; got {kinds}")
+    cached = int64_array(num_cached, "num_cached")
+    seg_lengths = int64_array(lengths, "lengths")
+    batch = cached.shape[0]
+    if seg_lengths.shape[0] != len(kinds) * batch:
+        raise InvalidArgumentError(
+            f"lengths has {seg_lengths.shape[0]} entries; {len(kinds)} features x "
+            f"{batch} users need {len(kinds) * batch}")
+    if (cached < 0).any():
+        raise InvalidArgumentError("num_cached must not be negative")
+    num_context = kinds.count("contextual")
+    history = np.maximum(cached - num_context, 0)
+    drop_of = {"item": history - history // 2, "action": history // 2,
+               "contextual": np.where(cached > 0, np.iinfo(np.int32).max, 0)}
+    drop = np.concatenate([drop_of[k] for k in kinds])
+    return strip_segments(values, lengths, drop, offsets=offsets)

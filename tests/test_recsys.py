@@ -335,3 +335,38 @@ def test_release_all_rolls_back_an_abandoned_request():
     assert ints(res.cached_lengths) == [0]
     mgr.evict_all(for_gpu=True, for_host=True)
     mgr.cache.check()
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_strip_cached_tokens_feature_layout(device):
+    """Contextual features first, then item and action histories (tokens
+    alternate item, action): cached counts include the contextual tokens."""
+    from hstu_kvcache.recsys import strip_cached_tokens
+
+    # 2 users; features: ctx, item, action (feature-major segments)
+    lengths = torch.tensor([1, 1,  3, 2,  3, 2])
+    values = torch.tensor([100, 200,  10, 11, 12, 20, 21,  50, 51, 52, 60, 61]).to(device)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(lengths, 0)])
+    # user 0: ctx + 3 history tokens (items 10, 11; action 50) cached; user 1: nothing
+    v, l, o = strip_cached_tokens(values, lengths, offsets, torch.tensor([4, 0]),
+                                  ["contextual", "item", "action"])
+    assert l.tolist() == [0, 1, 1, 2, 2, 2]
+    assert v.cpu().tolist() == [200, 12, 20, 21, 51, 52, 60, 61]
+    assert o.tolist() == [0, 0, 1, 2, 4, 6, 8]
+    # everything cached for user 0 (ctx + 6 history tokens); user 1: ctx + 1 item
+    v, l, _ = strip_cached_tokens(values, lengths, offsets, torch.tensor([7, 2]),
+                                  ["contextual", "item", "action"])
+    assert l.tolist() == [0, 0, 0, 1, 0, 2]
+    assert v.cpu().tolist() == [21, 60, 61]
+
+
+def test_strip_cached_tokens_bad_layout():
+    from hstu_kvcache.recsys import strip_cached_tokens
+
+    lengths = torch.tensor([1, 1])
+    with pytest.raises(InvalidArgumentError, match="feature_order"):
+        strip_cached_tokens(torch.arange(2), lengths, None, [0], ["item", "item"])
+    with pytest.raises(InvalidArgumentError, match="users need"):
+        strip_cached_tokens(torch.arange(2), lengths, None, [0, 0, 0], ["item", "action"])
+    with pytest.raises(InvalidArgumentError, match="negative"):
+        strip_cached_tokens(torch.arange(2), lengths, None, [-1], ["item", "action"])
