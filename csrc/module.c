@@ -415,43 +415,66 @@ out:
     return ret;
 }
 
-static PyObject *Cache_allocate(CacheObject *self, PyObject *args)
+/* The arguments of an allocation (synchronous or on the worker). */
+typedef struct {
+    int_buffer ids, lens, cached, epochs, keys, cand;
+    void *stream;
+} alloc_args;
+
+static void put_alloc_args(alloc_args *a)
+{
+    put_buffer(&a->ids);
+    put_buffer(&a->lens);
+    put_buffer(&a->cached);
+    put_buffer(&a->epochs);
+    put_buffer(&a->keys);
+    put_buffer(&a->cand);
+}
+
+static int get_alloc_args(PyObject *args, alloc_args *a)
 {
     PyObject *ids_o, *len_o, *cached_o, *epochs_o, *keys_o, *cand_o, *stream_o;
+    a->ids.held = a->lens.held = a->cached.held = a->epochs.held = 0;
+    a->keys.held = a->cand.held = 0;
     if (!PyArg_ParseTuple(args, "OOOOOOO", &ids_o, &len_o, &cached_o, &epochs_o,
-                          &keys_o, &cand_o, &stream_o) || !cache_ready(self))
-        return NULL;
-    int_buffer ids, lens, cached, epochs, keys, cand;
-    lens.held = cached.held = epochs.held = keys.held = cand.held = 0;
-    void *stream;
-    PyObject *ret = NULL;
-    if (get_int64s(ids_o, "user_ids", &ids, -1, 0, 0) ||
-        get_int64s(len_o, "history_lengths", &lens, int_len(&ids), 0, 0) ||
-        get_int64s(cached_o, "cached_lengths", &cached, int_len(&ids), 0, 0) ||
-        get_int64s(epochs_o, "epochs", &epochs, int_len(&ids), 0, 0) ||
-        get_int64s(keys_o, "token_keys", &keys, -1, 0, 1) ||
-        get_int64s(cand_o, "num_candidates", &cand, int_len(&ids), 0, 1) ||
-        get_stream(stream_o, &stream))
-        goto out;
-    if (int_len(&ids) > INT32_MAX) {
+                          &keys_o, &cand_o, &stream_o))
+        return -1;
+    if (get_int64s(ids_o, "user_ids", &a->ids, -1, 0, 0) ||
+        get_int64s(len_o, "history_lengths", &a->lens, int_len(&a->ids), 0, 0) ||
+        get_int64s(cached_o, "cached_lengths", &a->cached, int_len(&a->ids), 0, 0) ||
+        get_int64s(epochs_o, "epochs", &a->epochs, int_len(&a->ids), 0, 0) ||
+        get_int64s(keys_o, "token_keys", &a->keys, -1, 0, 1) ||
+        get_int64s(cand_o, "num_candidates", &a->cand, int_len(&a->ids), 0, 1) ||
+        get_stream(stream_o, &a->stream))
+        return -1;
+    if (int_len(&a->ids) > INT32_MAX) {
         raise_einval("batch too large");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Cache_allocate(CacheObject *self, PyObject *args)
+{
+    alloc_args a;
+    memset(&a, 0, sizeof a);
+    PyObject *ret = NULL;
+    if (!cache_ready(self) || get_alloc_args(args, &a))
+        goto out;
+    hkv_status st;
+    hkv_batch *bt = NULL;
+    WITHOUT_GIL(self, st = hkv_cache_allocate(self->cache, (int32_t)int_len(&a.ids),
+                                              int_ptr(&a.ids), int_ptr(&a.lens),
+                                              int_ptr(&a.cached), int_ptr(&a.epochs),
+                                              int_ptr(&a.keys), int_len(&a.keys),
+                                              int_ptr(&a.cand), a.stream, &bt));
+    if (st != HKV_OK) {
+        raise_status(st);
         goto out;
     }
     BatchObject *bo = PyObject_New(BatchObject, &BatchType);
-    if (bo == NULL)
-        goto out;
-    bo->batch = NULL;
-    bo->owner = NULL;
-    hkv_status st;
-    hkv_batch *bt = NULL;
-    WITHOUT_GIL(self, st = hkv_cache_allocate(self->cache, (int32_t)int_len(&ids),
-                                              int_ptr(&ids), int_ptr(&lens),
-                                              int_ptr(&cached), int_ptr(&epochs),
-                                              int_ptr(&keys), int_len(&keys),
-                                              int_ptr(&cand), stream, &bt));
-    if (st != HKV_OK) {
-        Py_DECREF(bo);
-        raise_status(st);
+    if (bo == NULL) {
+        hkv_batch_free(bt);
         goto out;
     }
     bo->batch = bt;
@@ -459,52 +482,31 @@ static PyObject *Cache_allocate(CacheObject *self, PyObject *args)
     Py_INCREF(self);
     ret = (PyObject *)bo;
 out:
-    put_buffer(&ids);
-    put_buffer(&lens);
-    put_buffer(&cached);
-    put_buffer(&epochs);
-    put_buffer(&keys);
-    put_buffer(&cand);
+    put_alloc_args(&a);
     return ret;
 }
 
 static PyObject *Cache_prepare_async(CacheObject *self, PyObject *args)
 {
-    PyObject *ids_o, *len_o, *cached_o, *epochs_o, *keys_o, *cand_o, *stream_o;
-    if (!PyArg_ParseTuple(args, "OOOOOOO", &ids_o, &len_o, &cached_o, &epochs_o,
-                          &keys_o, &cand_o, &stream_o) || !cache_ready(self))
-        return NULL;
-    int_buffer ids, lens, cached, epochs, keys, cand;
-    lens.held = cached.held = epochs.held = keys.held = cand.held = 0;
-    void *stream;
+    alloc_args a;
+    memset(&a, 0, sizeof a);
     PyObject *ret = NULL;
-    if (get_int64s(ids_o, "user_ids", &ids, -1, 0, 0) ||
-        get_int64s(len_o, "history_lengths", &lens, int_len(&ids), 0, 0) ||
-        get_int64s(cached_o, "cached_lengths", &cached, int_len(&ids), 0, 0) ||
-        get_int64s(epochs_o, "epochs", &epochs, int_len(&ids), 0, 0) ||
-        get_int64s(keys_o, "token_keys", &keys, -1, 0, 1) ||
-        get_int64s(cand_o, "num_candidates", &cand, int_len(&ids), 0, 1) ||
-        get_stream(stream_o, &stream))
+    if (!cache_ready(self) || get_alloc_args(args, &a))
         goto out;
-    if (int_len(&ids) > INT32_MAX) {
-        raise_einval("batch too large");
+    hkv_status st;
+    hkv_prepare_job *job = NULL;
+    WITHOUT_GIL(self, st = hkv_cache_prepare_async(self->cache, (int32_t)int_len(&a.ids),
+                                                   int_ptr(&a.ids), int_ptr(&a.lens),
+                                                   int_ptr(&a.cached), int_ptr(&a.epochs),
+                                                   int_ptr(&a.keys), int_len(&a.keys),
+                                                   int_ptr(&a.cand), a.stream, &job));
+    if (st != HKV_OK) {
+        raise_status(st);
         goto out;
     }
     PrepareObject *po = PyObject_New(PrepareObject, &PrepareType);
-    if (po == NULL)
-        goto out;
-    po->job = NULL;
-    po->owner = NULL;
-    hkv_status st;
-    hkv_prepare_job *job = NULL;
-    WITHOUT_GIL(self, st = hkv_cache_prepare_async(self->cache, (int32_t)int_len(&ids),
-                                                   int_ptr(&ids), int_ptr(&lens),
-                                                   int_ptr(&cached), int_ptr(&epochs),
-                                                   int_ptr(&keys), int_len(&keys),
-                                                   int_ptr(&cand), stream, &job));
-    if (st != HKV_OK) {
-        Py_DECREF(po);
-        raise_status(st);
+    if (po == NULL) {
+        hkv_prepare_free(job);
         goto out;
     }
     po->job = job;
@@ -512,12 +514,7 @@ static PyObject *Cache_prepare_async(CacheObject *self, PyObject *args)
     Py_INCREF(self);
     ret = (PyObject *)po;
 out:
-    put_buffer(&ids);
-    put_buffer(&lens);
-    put_buffer(&cached);
-    put_buffer(&epochs);
-    put_buffer(&keys);
-    put_buffer(&cand);
+    put_alloc_args(&a);
     return ret;
 }
 

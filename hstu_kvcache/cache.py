@@ -310,13 +310,7 @@ class KVCache:
         """
         if not isinstance(lookup, LookupResult) or lookup._cache is not self:
             raise InvalidArgumentError("allocate needs a LookupResult of this cache")
-        cands = None
-        if num_candidates is not None:
-            cands = int64_array(num_candidates, "num_candidates")
-            if cands.shape != lookup.user_ids.shape:
-                raise InvalidArgumentError(
-                    f"num_candidates has {cands.shape[0]} entries for "
-                    f"{lookup.user_ids.shape[0]} users")
+        cands = self._candidates(num_candidates, lookup)
         handle = current_stream(self.config.device_kind, self.config.device_index, stream)
         args = (lookup.user_ids, lookup.history_lengths, lookup.cached_lengths,
                 lookup._epochs, lookup.token_keys, cands, handle)
@@ -344,13 +338,7 @@ class KVCache:
         and launches the onboarding on ``stream`` and the side streams; then
         ``pending.wait()`` gives the :class:`Batch`."""
         lookup = self.lookup(user_ids, history_lengths, token_keys)
-        cands = None
-        if num_candidates is not None:
-            cands = int64_array(num_candidates, "num_candidates")
-            if cands.shape != lookup.user_ids.shape:
-                raise InvalidArgumentError(
-                    f"num_candidates has {cands.shape[0]} entries for "
-                    f"{lookup.user_ids.shape[0]} users")
+        cands = self._candidates(num_candidates, lookup)
         handle = current_stream(self.config.device_kind, self.config.device_index, stream)
         native = self._native.prepare_async(lookup.user_ids, lookup.history_lengths,
                                             lookup.cached_lengths, lookup._epochs,
@@ -539,6 +527,18 @@ class KVCache:
         if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
             raise InvalidArgumentError(f"layer must be an int or a range, got {layer!r}")
         return int(layer), 1
+
+    @staticmethod
+    def _candidates(num_candidates: Optional[IntArray], lookup: LookupResult
+                    ) -> Optional[np.ndarray]:
+        if num_candidates is None:
+            return None
+        cands = int64_array(num_candidates, "num_candidates")
+        if cands.shape != lookup.user_ids.shape:
+            raise InvalidArgumentError(
+                f"num_candidates has {cands.shape[0]} entries for "
+                f"{lookup.user_ids.shape[0]} users")
+        return cands
 
     @staticmethod
     def _tiers(gpu: bool, host: bool) -> int:
