@@ -878,6 +878,21 @@ static void commit_batch(hkv_cache *c, hkv_batch *bt, void *stream)
     c->stats.batches_committed++;
 }
 
+/*
+ * An allocation failed after it changed the cache (a CUDA call failed):
+ * treat the half-made batch as open and roll it back like a close.  Called
+ * with the lock held; returns with it released.
+ */
+static hkv_status fail_new_batch(hkv_cache *c, hkv_batch *bt, hkv_status st)
+{
+    bt->in_use = 1;
+    bt->state = BATCH_OPEN;
+    c->stats.open_batches++;
+    pthread_mutex_unlock(&c->lock);
+    hkv_batch_free(bt);
+    return st;
+}
+
 hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_ids,
                               const int64_t *history_lengths,
                               const int64_t *cached_lengths, const uint64_t *epochs,
@@ -1099,12 +1114,7 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
                 }
                 fix_length(c, u);
             }
-            bt->in_use = 1;
-            bt->state = BATCH_OPEN;
-            c->stats.open_batches++;
-            pthread_mutex_unlock(&c->lock);
-            hkv_batch_free(bt);
-            return st;
+            return fail_new_batch(c, bt, st);
         }
         bt->onboarded = is_cuda(c);
     }
@@ -1122,14 +1132,8 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
         st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
                                         c->xfer.offload_done);
         c->reuse_wait = 0;
-        if (st != HKV_OK) {
-            pthread_mutex_unlock(&c->lock);
-            bt->in_use = 1;
-            bt->state = BATCH_OPEN;
-            c->stats.open_batches++;
-            hkv_batch_free(bt);
-            return st;
-        }
+        if (st != HKV_OK)
+            return fail_new_batch(c, bt, st);
     }
     bt->stream = stream;
     bt->has_candidates = num_candidates != NULL;
