@@ -1049,10 +1049,14 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
             u->length = u->reserved = cached_lengths[b];
         }
     }
-    /* Pass 3: GPU pages for what is onboarded and for the new tokens,
-     * evicting as needed. */
+    /* Pass 3: GPU pages for what is onboarded and for the new tokens.
+     * Evict everything needed first, then allocate: pages freed together
+     * (an evicted user's tail run) come back in address order as a run,
+     * which keeps transfers of the new owner one DMA per run. */
     int64_t key_off = 0, onb_count = 0;
     c->reuse_wait = 0;
+    while (c->pool.num_free < need && evict_one_page(c))
+        ;
     for (int32_t b = 0; b < batch; b++) {
         int32_t slot = bt->user_slots[b];
         int64_t n = history_lengths[b] - cached_lengths[b];
@@ -1827,15 +1831,16 @@ static hkv_status check_locked(hkv_cache *c)
     const hkv_page_pool *pool = &c->pool;
     const hkv_user_index *ix = &c->users;
     int64_t free_count = 0;
-    for (int32_t p = pool->free_head; p != HKV_NO_PAGE; p = pool->pages[p].next) {
+    for (int32_t p = 0; p < pool->num_pages; p++) {
+        if (!hkv_page_is_free(pool, p))
+            continue;
         if (pool->pages[p].owner != -1)
             return hkv_error(HKV_ESTATE, "free page %d has owner %d", (int)p,
                              (int)pool->pages[p].owner);
-        if (++free_count > pool->num_pages)
-            return hkv_error(HKV_ESTATE, "free list has a cycle");
+        free_count++;
     }
     if (free_count != pool->num_free)
-        return hkv_error(HKV_ESTATE, "free list holds %lld pages, counter says %d",
+        return hkv_error(HKV_ESTATE, "the free map holds %lld pages, counter says %d",
                          (long long)free_count, (int)pool->num_free);
     int64_t owned = 0, pinned = 0, users = 0, lru = 0, host_owned = 0;
     for (int32_t s = 0; s < ix->capacity; s++) {

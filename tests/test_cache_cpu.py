@@ -447,7 +447,7 @@ def test_too_many_open_batches():
     del view
     gc.collect()
     b3 = cache.prepare([3], [1])
-    assert b3.kv_indices.tolist() == [0]  # the aborted batch gave its page back
+    assert cache.stats()["pages_used"] == 2  # the aborted batch gave its page back
     del b2, b3
 
 

@@ -41,7 +41,8 @@ static void test_pool_alloc_until_empty(void)
     CHECK_EQ(hkv_page_alloc(&pool, 1), HKV_NO_PAGE);   /* stays empty */
     CHECK_EQ(pool.num_free, 0);
 
-    /* Freed pages come back last-freed first (still warm in the CPU cache),
+    /* Freed pages come back in address order from the next-fit cursor
+     * (here wrapped to 0), so pages freed together are reused as a run,
      * with the owner cleared.  The pin count belongs to the copies still
      * reading the page, not to its owner, so it survives reuse: the new
      * owner's writers are ordered after those copies. */
@@ -51,17 +52,19 @@ static void test_pool_alloc_until_empty(void)
     CHECK_EQ(pool.num_free, 2);
     CHECK_EQ(pool.pages[3].owner, -1);
     CHECK_EQ(pool.pages[5].owner, -1);
+    CHECK(hkv_page_is_free(&pool, 3) && hkv_page_is_free(&pool, 5));
+    CHECK(!hkv_page_is_free(&pool, 4));
+    CHECK_EQ(hkv_page_alloc(&pool, 7), 3);
     CHECK_EQ(hkv_page_alloc(&pool, 7), 5);
     CHECK_EQ(pool.pages[5].pins, 3);
     CHECK_EQ(pool.pages[5].owner, 7);
-    CHECK_EQ(hkv_page_alloc(&pool, 7), 3);
     CHECK_EQ(hkv_page_alloc(&pool, 7), HKV_NO_PAGE);
     CHECK_EQ(hkv_page_pool_used(&pool), 8);
 
     hkv_page_pool_free_all(&pool);
     CHECK(pool.pages == NULL);
     CHECK_EQ(pool.num_pages, 0);
-    CHECK_EQ(pool.free_head, HKV_NO_PAGE);
+    CHECK(pool.free_bits == NULL);
     /* An emptied pool behaves as empty, not as a dangling one. */
     CHECK_EQ(hkv_page_alloc(&pool, 1), HKV_NO_PAGE);
 }
@@ -124,11 +127,12 @@ static void test_pool_random(void)
             CHECK(!"pool counters disagree with the pages held");
         }
     }
-    /* The free list holds exactly the pages not held. */
+    /* The bitmap marks exactly the pages not held. */
     int32_t walked = 0;
-    for (int32_t p = pool.free_head; p != HKV_NO_PAGE; p = pool.pages[p].next) {
-        if (used[p] || ++walked > N)
+    for (int32_t p = 0; p < N; p++) {
+        if (hkv_page_is_free(&pool, p) == used[p])
             break;
+        walked += !used[p];
     }
     hkv_page_pool_free_all(&pool);
     CHECK_EQ(walked, N - nheld);
