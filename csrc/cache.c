@@ -26,6 +26,10 @@
 
 #define DEFAULT_OPEN_BATCHES 8
 #define MAX_OPEN_BATCHES 1024
+/* Offload bytes in flight before eager offloads are deferred and
+ * write-backs wait: about 40 ms of PCIe, two batches of 8 x 4096 tokens of
+ * the standard model, so onboards queued behind never wait long. */
+#define DEFAULT_MAX_OFFLOAD_BYTES (2LL << 30)
 
 enum { BATCH_OPEN = 1, BATCH_COMMITTED = 2, BATCH_CLOSED = 3 };
 
@@ -190,8 +194,13 @@ static int evict_one_host_page(hkv_cache *c, int32_t exclude)
  * tier (evicting other users' host pages as needed), as one transfer.
  * Stops early when the host tier cannot make room.  Returns the pages
  * copied.  The caller has marked its stream (hkv_xfer_begin).
+ *
+ * Offload bytes in flight are bounded by max_offload_bytes: a write-back
+ * (`must`, the page is about to be evicted) waits for older transfers
+ * (backpressure); an eager write-through is deferred instead (the pages
+ * are written back at eviction time).
  */
-static int64_t offload_user(hkv_cache *c, int32_t slot, hkv_status *st)
+static int64_t offload_user(hkv_cache *c, int32_t slot, int must, hkv_status *st)
 {
     hkv_user *u = &c->users.users[slot];
     const int32_t ps = c->cfg.page_size;
@@ -201,6 +210,17 @@ static int64_t offload_user(hkv_cache *c, int32_t slot, hkv_status *st)
     *st = HKV_OK;
     if (!has_host(c) || full <= u->host_pages)
         return 0;
+    int fits = 1;
+    *st = hkv_xfer_offload_room(&c->xfer, c->pool.pages, &c->host,
+                                (full - u->host_pages) * hkv_page_bytes(&c->table) *
+                                    c->cfg.num_layers,
+                                c->cfg.max_offload_bytes, must, &fits);
+    if (*st != HKV_OK)
+        return 0;
+    if (!fits) {
+        c->stats.offloads_deferred++;
+        return 0;
+    }
     int32_t page = u->head_page;
     for (int64_t i = 0; i < u->host_pages; i++)
         page = c->pool.pages[page].next;
@@ -264,7 +284,7 @@ static int evict_one_page(hkv_cache *c)
             if (u->pins > 0 || u->num_pages == 0)
                 continue;
             hkv_status st;
-            int64_t n = offload_user(c, slot, &st);
+            int64_t n = offload_user(c, slot, 1, &st);
             c->stats.writeback_pages += (uint64_t)n;
             victim = slot;
             break;
@@ -505,6 +525,8 @@ static hkv_status check_config(const hkv_config *cfg)
         return hkv_error(HKV_EINVAL, "host_pages must not be negative");
     if (cfg->offload_mode != HKV_OFFLOAD_LAZY && cfg->offload_mode != HKV_OFFLOAD_EAGER)
         return hkv_error(HKV_EINVAL, "offload_mode must be lazy (0) or eager (1)");
+    if (cfg->max_offload_bytes < 0)
+        return hkv_error(HKV_EINVAL, "max_offload_bytes must not be negative");
     if ((int64_t)cfg->num_pages + cfg->host_pages + cfg->max_batch_size > (1LL << 29))
         return hkv_error(HKV_EINVAL, "num_pages + host_pages + max_batch_size must "
                          "not exceed 2^29, got %d + %d + %d", (int)cfg->num_pages,
@@ -534,6 +556,8 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
     hkv_config cfg = *cfg_in;
     if (cfg.max_open_batches == 0)
         cfg.max_open_batches = DEFAULT_OPEN_BATCHES;
+    if (cfg.max_offload_bytes == 0)
+        cfg.max_offload_bytes = DEFAULT_MAX_OFFLOAD_BYTES;
     int64_t max_tokens = (int64_t)cfg.max_batch_size * cfg.max_seq_len;
     if (cfg.max_batch_tokens == 0 || cfg.max_batch_tokens > max_tokens)
         cfg.max_batch_tokens = max_tokens;
@@ -869,7 +893,7 @@ static void commit_batch(hkv_cache *c, hkv_batch *bt, void *stream)
         bt->fills[b] = 0;
         if (eager) {
             hkv_status st;
-            offload_user(c, bt->user_slots[b], &st);
+            offload_user(c, bt->user_slots[b], 0, &st);
             if (st != HKV_OK)
                 c->stats.transfers_failed++;
         }
@@ -1707,7 +1731,7 @@ static void evict_user(hkv_cache *c, int32_t slot, int32_t tiers, int32_t offloa
     if (tiers & HKV_TIER_GPU) {
         if (offload && has_host(c)) {
             hkv_status st;
-            c->stats.writeback_pages += (uint64_t)offload_user(c, slot, &st);
+            c->stats.writeback_pages += (uint64_t)offload_user(c, slot, 1, &st);
             if (st != HKV_OK)
                 c->stats.transfers_failed++;
         }
@@ -1818,6 +1842,10 @@ void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
         c->stats.offload_bytes = c->xfer.offload_bytes;
         c->stats.transfers = c->xfer.transfers;
         c->stats.transfers_in_flight = c->xfer.rec_count;
+        c->stats.offload_queued_bytes = c->xfer.offload_queued_bytes;
+        c->stats.offload_backpressure_waits = c->xfer.backpressure_waits;
+        c->stats.dma_bytes = c->xfer.dma_bytes;
+        c->stats.kernel_bytes = c->xfer.kernel_bytes;
     }
     *out = c->stats;
     pthread_mutex_unlock(&c->lock);

@@ -49,6 +49,7 @@ typedef struct hkv_config {
     int32_t max_open_batches;  /* metadata blocks; 0: default (8)          */
     int32_t host_pages;        /* pages of the host tier; 0: no host tier  */
     int32_t offload_mode;      /* HKV_OFFLOAD_LAZY or HKV_OFFLOAD_EAGER    */
+    int64_t max_offload_bytes; /* offload bytes in flight; 0: default     */
 } hkv_config;
 
 /* When pages go to the host tier: at eviction (write-back, "lazy") or as
@@ -77,6 +78,11 @@ typedef struct hkv_stats {
     uint64_t host_pages_evicted; /* host pages taken from LRU users         */
     uint64_t transfers;
     uint64_t transfers_failed;   /* offloads that could not be queued        */
+    uint64_t offloads_deferred;  /* eager offloads left to eviction time
+                                    because the offload budget was full     */
+    uint64_t offload_backpressure_waits; /* write-backs that waited for room */
+    uint64_t dma_bytes;          /* transfer bytes moved by DMA             */
+    uint64_t kernel_bytes;       /* transfer bytes moved by the copy kernel */
     /* gauges */
     int64_t pages_total;
     int64_t pages_free;
@@ -88,6 +94,7 @@ typedef struct hkv_stats {
     int64_t host_pages_free;
     int64_t host_pages_used;
     int64_t transfers_in_flight;
+    int64_t offload_queued_bytes; /* offload bytes queued, not yet done     */
     /* latency of the host-side calls */
     hkv_histogram lookup_latency;
     hkv_histogram allocate_latency;

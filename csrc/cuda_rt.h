@@ -36,6 +36,12 @@ hkv_status hkv_cuda_memset(int device, void *ptr, int value, size_t bytes);
 /* Asynchronous copies on `stream`; any direction (cudaMemcpyDefault). */
 hkv_status hkv_cuda_memcpy_async(int device, void *dst, const void *src,
                                  size_t bytes, void *stream);
+/* `height` rows of `width` bytes, rows `dpitch` / `spitch` bytes apart
+ * (one row per layer of a page run).  Falls back to one copy per row when
+ * a pitch exceeds what cudaMemcpy2DAsync accepts. */
+hkv_status hkv_cuda_memcpy2d_async(int device, void *dst, size_t dpitch, const void *src,
+                                   size_t spitch, size_t width, size_t height,
+                                   void *stream);
 
 hkv_status hkv_cuda_stream_sync(int device, void *stream);
 /* A non-blocking stream (no implicit sync with the legacy stream). */

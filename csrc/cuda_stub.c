@@ -81,6 +81,21 @@ hkv_status hkv_cuda_memcpy_async(int device, void *dst, const void *src,
     return no_cuda("hkv_cuda_memcpy_async");
 }
 
+hkv_status hkv_cuda_memcpy2d_async(int device, void *dst, size_t dpitch, const void *src,
+                                   size_t spitch, size_t width, size_t height,
+                                   void *stream)
+{
+    (void)device;
+    (void)dst;
+    (void)dpitch;
+    (void)src;
+    (void)spitch;
+    (void)width;
+    (void)height;
+    (void)stream;
+    return no_cuda("hkv_cuda_memcpy2d_async");
+}
+
 hkv_status hkv_cuda_stream_create(int device, void **stream)
 {
     (void)device;

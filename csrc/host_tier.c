@@ -18,7 +18,8 @@ hkv_status hkv_host_tier_init(hkv_host_tier *ht, int32_t num_pages, size_t table
     size_t words = ((size_t)num_pages + 63) / 64;
     ht->pages = calloc((size_t)num_pages, sizeof *ht->pages);
     ht->free_bits = calloc(words, sizeof *ht->free_bits);
-    if (ht->pages == NULL || ht->free_bits == NULL) {
+    ht->writes = calloc((size_t)num_pages, sizeof *ht->writes);
+    if (ht->pages == NULL || ht->free_bits == NULL || ht->writes == NULL) {
         hkv_host_tier_free_all(ht);
         return hkv_error(HKV_ENOMEM, "cannot allocate the host tier's bookkeeping");
     }
@@ -47,6 +48,7 @@ void hkv_host_tier_free_all(hkv_host_tier *ht)
     hkv_token_filter_free_all(&ht->keys);
     free(ht->pages);
     free(ht->free_bits);
+    free(ht->writes);
     memset(ht, 0, sizeof *ht);
 }
 

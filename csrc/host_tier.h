@@ -29,6 +29,8 @@ typedef struct hkv_host_tier {
     void *table_dev;          /* the table's device address (CUDA), else ptr */
     hkv_page *pages;          /* owner / prev / next / pins per page      */
     uint64_t *free_bits;      /* 1 = free                                 */
+    int32_t *writes;          /* offloads in flight writing each page: an
+                                 onboard reading such a page waits for them */
     int32_t num_pages;
     int32_t num_free;
     int32_t cursor;           /* next-fit start                           */

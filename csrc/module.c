@@ -328,10 +328,11 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "num_pages", "dtype_code", "dtype_bits", "device_kind",
                              "device_index", "max_batch_size", "max_seq_len",
                              "max_batch_tokens", "verify_tokens",
-                             "max_open_batches", "host_pages", "offload_mode", NULL};
+                             "max_open_batches", "host_pages", "offload_mode",
+                             "max_offload_bytes", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|ii", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiL", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
@@ -339,7 +340,7 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                                      &cfg.max_batch_size, &cfg.max_seq_len,
                                      &cfg.max_batch_tokens, &cfg.verify_tokens,
                                      &cfg.max_open_batches, &cfg.host_pages,
-                                     &cfg.offload_mode))
+                                     &cfg.offload_mode, &cfg.max_offload_bytes))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");
@@ -760,7 +761,9 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(onboard_pages) ITEM(onboard_bytes) ITEM(offload_pages) ITEM(offload_bytes)
     ITEM(writeback_pages) ITEM(host_pages_evicted) ITEM(transfers)
     ITEM(transfers_failed) ITEM(host_pages_total) ITEM(host_pages_free)
-    ITEM(host_pages_used) ITEM(transfers_in_flight)
+    ITEM(host_pages_used) ITEM(transfers_in_flight) ITEM(offload_queued_bytes)
+    ITEM(offloads_deferred) ITEM(offload_backpressure_waits) ITEM(dma_bytes)
+    ITEM(kernel_bytes)
 #undef ITEM
     if (put_histogram(d, "lookup_latency", &s.lookup_latency) != 0 ||
         put_histogram(d, "allocate_latency", &s.allocate_latency) != 0) {

@@ -9,6 +9,10 @@
 #include "cuda_rt.h"
 
 #define RECORDS 256
+/* Pieces below this go by the kernel: on the H100 a DMA of 1 MiB already
+ * moves about 45 GB/s and one of 4 MiB+ over 52 GB/s, while the kernel
+ * moves scattered pages at about 50 GB/s (docs/host-tier-design.md). */
+#define DEFAULT_DMA_MIN_BYTES (1 << 20)
 
 hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
 {
@@ -19,12 +23,17 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
     x->delay_us = env ? atoi(env) : 0;
     env = getenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS");
     x->skip_waits = env != NULL && atoi(env) != 0;
+    /* HSTU_KVCACHE_DMA_MIN_BYTES: benchmarks compare the mechanisms (0
+     * disables DMA), tests force both paths */
+    env = getenv("HSTU_KVCACHE_DMA_MIN_BYTES");
+    x->dma_min_bytes = env ? atoll(env) : DEFAULT_DMA_MIN_BYTES;
     x->ring_cap = ring_cap;
     x->rec_cap = RECORDS;
     x->events_cap = RECORDS + 8;
     x->records = calloc(RECORDS, sizeof *x->records);
     x->free_events = calloc((size_t)x->events_cap, sizeof *x->free_events);
-    if (x->records == NULL || x->free_events == NULL) {
+    x->runs = malloc(((size_t)ring_cap / 2 + 1) * sizeof *x->runs);
+    if (x->records == NULL || x->free_events == NULL || x->runs == NULL) {
         hkv_xfer_destroy(x);
         return hkv_error(HKV_ENOMEM, "out of host memory");
     }
@@ -76,6 +85,9 @@ static void retire(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
         gpu_pages[r->gpu_pins[i]].pins--;
     for (int64_t i = 0; i < r->n_host_pins; i++)
         hkv_host_unpin(host, r->host_pins[i]);
+    for (int64_t i = 0; i < r->n_host_writes; i++)
+        host->writes[r->host_writes[i]]--;
+    x->offload_queued_bytes -= r->offload_bytes;
     x->ring_tail = r->ring_end;
     give_event(x, r->event);
     x->rec_head = (x->rec_head + 1) % x->rec_cap;
@@ -137,18 +149,55 @@ static int32_t *ring_at(hkv_xfer *x, int64_t slot)
     return x->ring + slot % x->ring_cap;
 }
 
-/* Put a transfer's two id lists (src, then dst) into the device-visible
- * ring and point the copy at them. */
+int64_t hkv_xfer_split_runs(const int32_t *src, const int32_t *dst, int64_t n,
+                            int64_t min_pages, hkv_xfer_run *runs, int32_t *src_out,
+                            int32_t *dst_out, int64_t *n_rest)
+{
+    int64_t nruns = 0, rest = 0, back = n;
+    for (int64_t i = 0; i < n;) {
+        int64_t j = i + 1;
+        while (j < n && src[j] == src[j - 1] + 1 && dst[j] == dst[j - 1] + 1)
+            j++;
+        if (min_pages > 0 && j - i >= min_pages) {
+            runs[nruns].src = src[i];
+            runs[nruns].dst = dst[i];
+            runs[nruns].n = (int32_t)(j - i);
+            nruns++;
+            back -= j - i;
+            memcpy(src_out + back, src + i, (size_t)(j - i) * sizeof *src);
+            memcpy(dst_out + back, dst + i, (size_t)(j - i) * sizeof *dst);
+        } else {
+            memcpy(src_out + rest, src + i, (size_t)(j - i) * sizeof *src);
+            memcpy(dst_out + rest, dst + i, (size_t)(j - i) * sizeof *dst);
+            rest += j - i;
+        }
+        i = j;
+    }
+    *n_rest = rest;
+    return nruns;
+}
+
+/*
+ * Put a transfer's pairs into the device-visible ring (src ids, then dst
+ * ids), split into DMA runs (x->runs) and the pairs the kernel copies,
+ * which come first in both lists; point the kernel's arguments at them.
+ */
 static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *src_ids,
                             const int32_t *dst_ids, int64_t n, hkv_page *gpu_pages,
-                            hkv_host_tier *host, int64_t *slot, int64_t *old_head)
+                            hkv_host_tier *host, int64_t *slot, int64_t *old_head,
+                            int64_t *nruns)
 {
     hkv_status st = ring_take(x, 2 * n, gpu_pages, host, slot, old_head);
     if (st != HKV_OK)
         return st;
     int32_t *ids = ring_at(x, *slot);
-    memcpy(ids, src_ids, (size_t)n * sizeof *ids);
-    memcpy(ids + n, dst_ids, (size_t)n * sizeof *ids);
+    int64_t min_pages = x->dma_min_bytes > 0
+                            ? (x->dma_min_bytes + a->page_bytes - 1) / a->page_bytes
+                            : 0;
+    if (min_pages == 1)
+        min_pages = 2;  /* a single page is never worth a DMA of its own */
+    *nruns = hkv_xfer_split_runs(src_ids, dst_ids, n, min_pages, x->runs, ids, ids + n,
+                                 &a->n);
     /* the kernel reads them through the device's mapping of the ring */
     int32_t *dev = x->ring_dev + (ids - x->ring);
     a->src_ids = dev;
@@ -158,7 +207,8 @@ static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *
 
 static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
                         const int32_t *gpu_pins, int64_t n_gpu,
-                        const int32_t *host_pins, int64_t n_host)
+                        const int32_t *host_pins, int64_t n_host,
+                        const int32_t *host_writes, int64_t n_writes, int64_t offload_bytes)
 {
     hkv_xfer_record *r = &x->records[(x->rec_head + x->rec_count) % x->rec_cap];
     r->event = event;
@@ -167,7 +217,28 @@ static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
     r->n_gpu_pins = n_gpu;
     r->host_pins = host_pins;
     r->n_host_pins = n_host;
+    r->host_writes = host_writes;
+    r->n_host_writes = n_writes;
+    r->offload_bytes = offload_bytes;
+    x->offload_queued_bytes += offload_bytes;
     x->rec_count++;
+}
+
+hkv_status hkv_xfer_offload_room(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host,
+                                 int64_t bytes, int64_t budget, int block, int *fits)
+{
+    hkv_status st = hkv_xfer_reap(x, gpu_pages, host);
+    int waited = 0;
+    while (st == HKV_OK && x->offload_queued_bytes > 0 &&
+           x->offload_queued_bytes + bytes > budget && block) {
+        st = retire_oldest(x, gpu_pages, host);
+        waited = 1;
+    }
+    if (waited)
+        x->backpressure_waits++;
+    *fits = st == HKV_OK &&
+            (x->offload_queued_bytes == 0 || x->offload_queued_bytes + bytes <= budget);
+    return st;
 }
 
 void hkv_xfer_destroy(hkv_xfer *x)
@@ -197,6 +268,7 @@ void hkv_xfer_destroy(hkv_xfer *x)
     }
     free(x->records);
     free(x->free_events);
+    free(x->runs);
     memset(x, 0, sizeof *x);
 }
 
@@ -234,24 +306,38 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     a.first_layer = 0;
     a.num_layers = gpu->num_layers;
     a.n = n;
-    x->offload_pages += (uint64_t)n;
-    x->offload_bytes += (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
-    x->transfers++;
+    const int64_t bytes = n * a.page_bytes * gpu->num_layers;
     if (!x->cuda) {
         a.src_ids = gpu_ids;
         a.dst_ids = host_ids;
         hkv_cpu_copy_pages(&a);
+        x->offload_pages += (uint64_t)n;
+        x->offload_bytes += (uint64_t)bytes;
+        x->transfers++;
         return HKV_OK;
     }
-    int64_t slot, old_head;
-    hkv_status st = stage_ids(x, &a, gpu_ids, host_ids, n, gpu_pages, host, &slot, &old_head);
+    int64_t slot, old_head, nruns;
+    hkv_status st = stage_ids(x, &a, gpu_ids, host_ids, n, gpu_pages, host, &slot,
+                              &old_head, &nruns);
     if (st != HKV_OK)
         return st;
     void *ev = NULL;
     st = hkv_cuda_stream_wait_event(x->device, x->offload_stream, x->caller_ready);
     if (st == HKV_OK && x->delay_us > 0)
         st = hkv_cuda_spin(x->device, x->offload_stream, x->delay_us);
-    if (st == HKV_OK)
+    /* a run, every layer: one 2-D copy, rows a table layer apart */
+    char *host_base = host->table->ptr;
+    const size_t gpu_pitch = (size_t)gpu->num_pages * (size_t)a.page_bytes;
+    const size_t host_pitch = (size_t)host->num_pages * (size_t)a.page_bytes;
+    for (int64_t r = 0; st == HKV_OK && r < nruns; r++) {
+        const hkv_xfer_run *run = &x->runs[r];
+        st = hkv_cuda_memcpy2d_async(
+            x->device, host_base + (size_t)run->dst * (size_t)a.page_bytes, host_pitch,
+            (const char *)gpu->base + (size_t)run->src * (size_t)a.page_bytes, gpu_pitch,
+            (size_t)run->n * (size_t)a.page_bytes, (size_t)gpu->num_layers,
+            x->offload_stream);
+    }
+    if (st == HKV_OK && a.n > 0)
         st = hkv_cuda_copy_pages(&a, x->device, x->offload_stream);
     if (st == HKV_OK)
         st = take_event(x, &ev);
@@ -260,18 +346,26 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     if (st == HKV_OK)
         st = hkv_cuda_event_record(x->device, x->offload_done, x->offload_stream);
     if (st != HKV_OK) {
-        /* Nothing reached the stream usefully: give the ring slots back. */
+        /* Copies may be queued: wait for them before reusing the ids. */
+        (void)hkv_cuda_stream_sync(x->device, x->offload_stream);
         x->ring_head = old_head;
         if (ev != NULL)
             give_event(x, ev);
         return st;
     }
-    x->offload_pending = 1;
+    x->offload_pages += (uint64_t)n;
+    x->offload_bytes += (uint64_t)bytes;
+    x->kernel_bytes += (uint64_t)(a.n * a.page_bytes * gpu->num_layers);
+    x->dma_bytes += (uint64_t)((n - a.n) * a.page_bytes * gpu->num_layers);
+    x->transfers++;
+    const int32_t *ids = ring_at(x, slot);  /* host view of the staged ids */
     if (pin_gpu)
         for (int64_t i = 0; i < n; i++)
-            gpu_pages[gpu_ids[i]].pins++;
-    const int32_t *ids = ring_at(x, slot);  /* host view of the staged ids */
-    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0);
+            gpu_pages[ids[i]].pins++;
+    for (int64_t i = 0; i < n; i++)
+        host->writes[ids[n + i]]++;
+    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0,
+                ids + n, n, bytes);
     if (done)
         *done = ev;
     return HKV_OK;
@@ -286,30 +380,48 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     hkv_copy_pages_args a = copy_args(gpu, host, 0);
     a.n = n;
     a.num_layers = 1;
-    x->onboard_pages += (uint64_t)n;
-    x->onboard_bytes += (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
-    x->transfers++;
+    const int64_t bytes = n * a.page_bytes * gpu->num_layers;
     if (!x->cuda) {
         a.src_ids = host_ids;
         a.dst_ids = gpu_ids;
         a.num_layers = gpu->num_layers;
         hkv_cpu_copy_pages(&a);
+        x->onboard_pages += (uint64_t)n;
+        x->onboard_bytes += (uint64_t)bytes;
+        x->transfers++;
         return HKV_OK;
     }
-    int64_t slot, old_head;
-    hkv_status st = stage_ids(x, &a, host_ids, gpu_ids, n, gpu_pages, host, &slot, &old_head);
+    /* An offload in flight may still write one of the host pages read here,
+     * or read one of the GPU pages overwritten here (a page freed by
+     * eviction during its write-back): then wait for the offloads.  Else
+     * the two directions stay independent and run at the same time. */
+    int after_offloads = 0;
+    for (int64_t i = 0; i < n && !after_offloads; i++)
+        after_offloads = host->writes[host_ids[i]] > 0 || gpu_pages[gpu_ids[i]].pins > 0;
+    int64_t slot, old_head, nruns;
+    hkv_status st = stage_ids(x, &a, host_ids, gpu_ids, n, gpu_pages, host, &slot,
+                              &old_head, &nruns);
     if (st != HKV_OK)
         return st;
     st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->caller_ready);
-    if (st == HKV_OK && x->offload_pending)
+    if (st == HKV_OK && after_offloads)
         st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
+    const char *host_base = host->table->ptr;
+    const int64_t gpu_layer = hkv_layer_bytes(gpu);
+    const int64_t host_layer = (int64_t)host->num_pages * a.page_bytes;
     for (int32_t l = 0; st == HKV_OK && l < gpu->num_layers; l++) {
         a.first_layer = l;
         if (x->delay_us > 0)
             st = hkv_cuda_spin(x->device, x->onboard_stream, x->delay_us);
-        if (st != HKV_OK)
-            break;
-        st = hkv_cuda_copy_pages(&a, x->device, x->onboard_stream);
+        for (int64_t r = 0; st == HKV_OK && r < nruns; r++) {
+            const hkv_xfer_run *run = &x->runs[r];
+            st = hkv_cuda_memcpy_async(
+                x->device, (char *)gpu->base + l * gpu_layer + run->dst * a.page_bytes,
+                host_base + l * host_layer + run->src * a.page_bytes,
+                (size_t)run->n * (size_t)a.page_bytes, x->onboard_stream);
+        }
+        if (st == HKV_OK && a.n > 0)
+            st = hkv_cuda_copy_pages(&a, x->device, x->onboard_stream);
         if (st == HKV_OK)
             st = hkv_cuda_event_record(x->device, layer_events[l], x->onboard_stream);
     }
@@ -326,8 +438,14 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
             give_event(x, ev);
         return st;
     }
+    x->onboard_pages += (uint64_t)n;
+    x->onboard_bytes += (uint64_t)bytes;
+    x->kernel_bytes += (uint64_t)(a.n * a.page_bytes * gpu->num_layers);
+    x->dma_bytes += (uint64_t)((n - a.n) * a.page_bytes * gpu->num_layers);
+    x->transfers++;
+    const int32_t *ids = ring_at(x, slot);
     for (int64_t i = 0; i < n; i++)
-        host->pages[host_ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, NULL, 0, ring_at(x, slot), n);
+        host->pages[ids[i]].pins++;
+    push_record(x, ev, slot + 2 * n, NULL, 0, ids, n, NULL, 0, 0);
     return HKV_OK;
 }

@@ -8,12 +8,23 @@
  *   - every transfer first waits for the caller's work queued so far
  *     (hkv_xfer_begin): pages being offloaded are complete, pages being
  *     overwritten by an onboard are no longer read;
- *   - an onboard also waits for every offload queued before it (the host
- *     pages it reads may have been written by one);
+ *   - an onboard also waits for the offloads in flight when one of them
+ *     writes a host page it reads (host_tier.writes) or reads a GPU page
+ *     it overwrites (page pins); otherwise the two directions overlap;
  *   - the caller's stream waits for what it depends on with
  *     cudaStreamWaitEvent: the host never blocks.
  * Pages a transfer reads stay pinned (never evicted, never reused) until its
  * event has completed; hkv_xfer_reap releases them.
+ *
+ * How bytes move (measured on an H100, docs/host-tier-design.md): a DMA
+ * (cudaMemcpyAsync) reaches 97 %+ of the PCIe link only with pieces of
+ * several MiB, a small kernel reading or writing mapped pinned memory
+ * moves scattered pages at about 90 %.  So a transfer is split into runs
+ * of pages consecutive on both sides (the pools hand out pages in address
+ * order, so a user's pages mostly are): runs of at least dma_min_bytes per
+ * layer go by DMA, one copy per run and layer (onboard) or one 2-D copy
+ * per run covering every layer (offload), and the remaining pages by the
+ * kernel.  Both run on the transfer's stream, in order.
  *
  * Page ids travel to the kernels in a ring of pinned, device-mapped memory,
  * so launching a transfer needs no upload.  On the CPU path every copy is a
@@ -36,7 +47,17 @@ typedef struct hkv_xfer_record {
     int64_t n_gpu_pins;
     const int32_t *host_pins;
     int64_t n_host_pins;
+    const int32_t *host_writes; /* host pages an offload writes            */
+    int64_t n_host_writes;
+    int64_t offload_bytes;      /* counted in offload_queued_bytes         */
 } hkv_xfer_record;
+
+/* A run of n pages consecutive in both tables. */
+typedef struct hkv_xfer_run {
+    int32_t src;
+    int32_t dst;
+    int32_t n;
+} hkv_xfer_run;
 
 typedef struct hkv_xfer {
     int cuda;
@@ -45,7 +66,6 @@ typedef struct hkv_xfer {
     void *offload_stream;
     void *caller_ready;      /* the caller's stream, at hkv_xfer_begin     */
     void *offload_done;      /* after the last offload                     */
-    int offload_pending;     /* an offload was queued since creation       */
     int32_t *ring;
     int32_t *ring_dev;       /* the ring's device address (CUDA)           */
     int64_t ring_cap;
@@ -58,6 +78,9 @@ typedef struct hkv_xfer {
     void **free_events;
     int32_t num_free_events;
     int32_t events_cap;
+    hkv_xfer_run *runs;      /* scratch of one transfer                    */
+    int64_t dma_min_bytes;   /* shortest piece worth a DMA; 0: kernel only */
+    int64_t offload_queued_bytes;
     /* fault injection (tests): HSTU_KVCACHE_DEBUG_COPY_DELAY_US delays
      * every copy on its stream, HSTU_KVCACHE_DEBUG_SKIP_WAITS=1 drops the
      * caller's waits (the ordering tests must then fail) */
@@ -66,6 +89,8 @@ typedef struct hkv_xfer {
     /* counters */
     uint64_t onboard_pages, offload_pages, onboard_bytes, offload_bytes;
     uint64_t transfers;
+    uint64_t dma_bytes, kernel_bytes;  /* bytes moved by each mechanism   */
+    uint64_t backpressure_waits;       /* offloads that waited for room   */
 } hkv_xfer;
 
 hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap);
@@ -99,5 +124,26 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
 
 /* Release the pins of every transfer whose event has completed. */
 hkv_status hkv_xfer_reap(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host);
+
+/*
+ * Room for an offload of `bytes` within `budget` queued offload bytes.
+ * Finished transfers are reaped first; then, if `block`, the oldest
+ * transfers are waited for (backpressure) until it fits or nothing is in
+ * flight.  *fits tells the result; an offload larger than the whole budget
+ * fits once the queue is empty.
+ */
+hkv_status hkv_xfer_offload_room(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host,
+                                 int64_t bytes, int64_t budget, int block, int *fits);
+
+/*
+ * Split n page pairs src[i] -> dst[i] into runs of consecutive ids on both
+ * sides that are at least min_pages long (written to runs, returned count)
+ * and the other pairs.  The pairs are rewritten into src_out / dst_out
+ * (n each): the other pairs first (*n_rest of them), then the runs' pairs.
+ * min_pages <= 0: no runs.  Exposed for tests.
+ */
+int64_t hkv_xfer_split_runs(const int32_t *src, const int32_t *dst, int64_t n,
+                            int64_t min_pages, hkv_xfer_run *runs, int32_t *src_out,
+                            int32_t *dst_out, int64_t *n_rest);
 
 #endif /* HKV_TRANSFER_H */

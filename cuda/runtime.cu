@@ -136,6 +136,29 @@ extern "C" hkv_status hkv_cuda_memcpy_async(int device, void *dst,
     return HKV_OK;
 }
 
+extern "C" hkv_status hkv_cuda_memcpy2d_async(int device, void *dst, size_t dpitch,
+                                              const void *src, size_t spitch,
+                                              size_t width, size_t height, void *stream)
+{
+    if (width == 0 || height == 0)
+        return HKV_OK;
+    HKV_TRY(hkv::set_device(device));
+    int max_pitch = 0;
+    HKV_CUDA_TRY(cudaDeviceGetAttribute(&max_pitch, cudaDevAttrMaxPitch, device));
+    cudaStream_t s = (cudaStream_t)stream;
+    if (height == 1 || (dpitch <= (size_t)max_pitch && spitch <= (size_t)max_pitch)) {
+        HKV_CUDA_TRY(cudaMemcpy2DAsync(dst, dpitch, src, spitch, width, height,
+                                       cudaMemcpyDefault, s));
+        return HKV_OK;
+    }
+    /* a table layer larger than the pitch limit: one copy per row */
+    for (size_t r = 0; r < height; r++)
+        HKV_CUDA_TRY(cudaMemcpyAsync((char *)dst + r * dpitch,
+                                     (const char *)src + r * spitch, width,
+                                     cudaMemcpyDefault, s));
+    return HKV_OK;
+}
+
 extern "C" hkv_status hkv_cuda_stream_sync(int device, void *stream)
 {
     HKV_TRY(hkv::set_device(device));

@@ -262,7 +262,8 @@ class KVCache:
             verify_tokens=config.verify_tokens,
             max_open_batches=config.max_open_batches,
             host_pages=config.host_pages,
-            offload_mode=0 if config.offload_mode == "lazy" else 1)
+            offload_mode=0 if config.offload_mode == "lazy" else 1,
+            max_offload_bytes=config.max_offload_bytes)
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)

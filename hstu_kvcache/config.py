@@ -98,6 +98,11 @@ class KVCacheConfig:
             they are evicted from the GPU) or ``'eager'`` (copy a batch's
             full pages to the host as soon as it commits, in the background,
             so evictions cost nothing).
+        max_offload_bytes: offload bytes that may be in flight at once
+            (0: 2 GiB).  Past it, eager offloads are deferred to eviction
+            time and write-backs at eviction wait for older copies
+            (backpressure), so queued copy work stays bounded and onboards
+            never queue behind seconds of offloads.
     """
 
     num_layers: int
@@ -114,6 +119,7 @@ class KVCacheConfig:
     max_open_batches: int = 8
     host_capacity_bytes: int = 0
     offload_mode: str = "lazy"
+    max_offload_bytes: int = 0
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -146,6 +152,8 @@ class KVCacheConfig:
         if self.offload_mode not in ("lazy", "eager"):
             raise InvalidArgumentError(
                 f"offload_mode must be 'lazy' or 'eager', got {self.offload_mode!r}")
+        set_(self, "max_offload_bytes",
+             _positive_int("max_offload_bytes", self.max_offload_bytes, 0, 2**62))
         if 0 < self.host_capacity_bytes < self.num_layers * self.page_bytes:
             raise InvalidArgumentError(
                 f"host_capacity_bytes={self.host_capacity_bytes} holds no page: one page "

@@ -138,6 +138,20 @@ METRICS: Dict[str, MetricSpec] = {
     "transfers_failed": MetricSpec(
         "hstu_kvcache_transfers_failed_total", _C,
         "Offloads that could not be queued (the pages stayed on the GPU).", "transfers"),
+    "offloads_deferred": MetricSpec(
+        "hstu_kvcache_offloads_deferred_total", _C,
+        "Eager offloads left to eviction time because max_offload_bytes were in flight.",
+        "offloads"),
+    "offload_backpressure_waits": MetricSpec(
+        "hstu_kvcache_offload_backpressure_waits_total", _C,
+        "Write-backs that waited for older copies to stay within max_offload_bytes.",
+        "waits"),
+    "dma_bytes": MetricSpec(
+        "hstu_kvcache_transfer_dma_bytes_total", _C,
+        "Transfer bytes moved by DMA (runs of consecutive pages).", "bytes"),
+    "kernel_bytes": MetricSpec(
+        "hstu_kvcache_transfer_kernel_bytes_total", _C,
+        "Transfer bytes moved by the zero-copy kernel (scattered pages).", "bytes"),
     # -- gauges ---------------------------------------------------------------
     # not hstu_kvcache_pages_total: the _total suffix belongs to counters
     # (promtool check metrics flags a gauge that carries it)
@@ -164,6 +178,10 @@ METRICS: Dict[str, MetricSpec] = {
     "transfers_in_flight": MetricSpec(
         "hstu_kvcache_transfers_in_flight", _G,
         "Transfers queued on the side streams and not yet completed.", "transfers"),
+    "offload_queued_bytes": MetricSpec(
+        "hstu_kvcache_offload_queued_bytes", _G,
+        "Offload bytes queued and not yet known complete (bounded by max_offload_bytes).",
+        "bytes"),
     "hit_rate": MetricSpec(
         "hstu_kvcache_hit_ratio", _G,
         "Hit tokens over looked-up history tokens since the cache was created "

@@ -12,6 +12,7 @@
 #include "harness.h"
 #include "page_pool.h"
 #include "token_filter.h"
+#include "transfer.h"
 #include "user_index.h"
 
 /* ------------------------------------------------------------------ */
@@ -554,8 +555,65 @@ static void test_index_page_chain(void)
     hkv_page_pool_free_all(&pool);
 }
 
+/* Transfers split into DMA runs (consecutive on both sides, long enough)
+ * and the pages the kernel copies; every pair is kept exactly once. */
+static void test_split_runs(void)
+{
+    /* pairs: a run of 4 (10..13 -> 0..3), a break on the dst side, a run of
+     * 2 (14,15 -> 7,8), a lone page, a run of 3 on both (40..42 -> 20..22) */
+    const int32_t src[] = {10, 11, 12, 13, 14, 15, 30, 40, 41, 42};
+    const int32_t dst[] = {0, 1, 2, 3, 7, 8, 9, 20, 21, 22};
+    const int64_t n = 10;
+    hkv_xfer_run runs[10];
+    int32_t so[10], dso[10];
+    int64_t rest = -1;
+    int64_t nr = hkv_xfer_split_runs(src, dst, n, 3, runs, so, dso, &rest);
+    CHECK_EQ(nr, 2);
+    CHECK_EQ(rest, 3);
+    CHECK_EQ(runs[0].src, 10);
+    CHECK_EQ(runs[0].dst, 0);
+    CHECK_EQ(runs[0].n, 4);
+    CHECK_EQ(runs[1].src, 40);
+    CHECK_EQ(runs[1].dst, 20);
+    CHECK_EQ(runs[1].n, 3);
+    /* the kernel's pairs come first, in order */
+    CHECK_EQ(so[0], 14);
+    CHECK_EQ(dso[0], 7);
+    CHECK_EQ(so[1], 15);
+    CHECK_EQ(so[2], 30);
+    CHECK_EQ(dso[2], 9);
+    /* every pair exactly once, still paired */
+    int seen[10] = {0};
+    for (int64_t i = 0; i < n; i++) {
+        int64_t k = 0;
+        while (k < n && src[k] != so[i])
+            k++;
+        CHECK(k < n);
+        CHECK_EQ(dst[k], dso[i]);
+        seen[k]++;
+    }
+    for (int64_t k = 0; k < n; k++)
+        CHECK_EQ(seen[k], 1);
+    /* no DMA: everything goes to the kernel, unchanged */
+    nr = hkv_xfer_split_runs(src, dst, n, 0, runs, so, dso, &rest);
+    CHECK_EQ(nr, 0);
+    CHECK_EQ(rest, n);
+    for (int64_t i = 0; i < n; i++) {
+        CHECK_EQ(so[i], src[i]);
+        CHECK_EQ(dso[i], dst[i]);
+    }
+    /* one long run of everything */
+    const int32_t s2[] = {5, 6, 7, 8};
+    const int32_t d2[] = {100, 101, 102, 103};
+    nr = hkv_xfer_split_runs(s2, d2, 4, 2, runs, so, dso, &rest);
+    CHECK_EQ(nr, 1);
+    CHECK_EQ(rest, 0);
+    CHECK_EQ(runs[0].n, 4);
+}
+
 void run_pool_index_tests(void)
 {
+    RUN(test_split_runs);
     RUN(test_pool_alloc_until_empty);
     RUN(test_pool_init_invalid);
     RUN(test_pool_random);
