@@ -19,6 +19,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "cuda_rt.h"
+
 enum { JOB_FREE = 0, JOB_QUEUED, JOB_RUNNING, JOB_DONE };
 
 struct hkv_prepare_job {
@@ -36,6 +38,7 @@ struct hkv_prepare_job {
     int64_t *keys;             /* malloc'd copy (verified mode) or NULL    */
     int64_t num_keys;
     void *stream;
+    void *ready;               /* CUDA: recorded on stream at submit       */
     hkv_status status;
     char message[512];
     hkv_batch *result;
@@ -116,10 +119,11 @@ static void *worker_main(void *arg)
         pthread_mutex_unlock(&w->lock);
 
         hkv_batch *bt = NULL;
-        hkv_status st = hkv_cache_allocate(w->cache, j->batch, j->user_ids, j->lengths,
-                                           j->cached, j->epochs, j->keys, j->num_keys,
-                                           j->has_candidates ? j->candidates : NULL,
-                                           j->stream, &bt);
+        hkv_status st = hkv_cache_allocate_after(w->cache, j->batch, j->user_ids,
+                                                 j->lengths, j->cached, j->epochs, j->keys,
+                                                 j->num_keys,
+                                                 j->has_candidates ? j->candidates : NULL,
+                                                 j->stream, j->ready, &bt);
         pthread_mutex_lock(&w->lock);
         if (st != HKV_OK)
             snprintf(j->message, sizeof j->message, "%s", hkv_last_error());
@@ -195,6 +199,13 @@ void hkv_worker_stop(hkv_worker *w)
     if (w->thread_started)
         pthread_join(w->thread, NULL);
     pthread_mutex_lock(&w->lock);
+    /* every job is done now: their events are not waited on any more */
+    const hkv_config *cfg = hkv_cache_config(w->cache);
+    for (int32_t i = 0; i < w->num_jobs; i++)
+        if (w->jobs[i].ready != NULL) {
+            (void)hkv_cuda_event_destroy(cfg->device_index, w->jobs[i].ready);
+            w->jobs[i].ready = NULL;
+        }
     w->stopped = 1;
     w->cache = NULL;
     int last = w->held == 0;
@@ -245,6 +256,22 @@ hkv_status hkv_prepare_submit(hkv_worker *w, int32_t batch, const int64_t *user_
                         : hkv_error(HKV_EBUSY, "all %d prepare slots are in use; wait for "
                                     "or drop earlier prepares, or raise max_open_batches",
                                     (int)w->num_jobs);
+    }
+    /* Mark the caller's stream now, on the caller's thread: the transfers
+     * wait for the work queued before this call, not for what the caller
+     * queues while the worker runs (its embedding lookup, say). */
+    const hkv_config *cfg = hkv_cache_config(w->cache);
+    if (cfg->device_kind == HKV_DEVICE_CUDA) {
+        hkv_status st = HKV_OK;
+        if (j->ready == NULL)
+            st = hkv_cuda_event_create(cfg->device_index, &j->ready);
+        if (st == HKV_OK)
+            st = hkv_cuda_event_record(cfg->device_index, j->ready, stream);
+        if (st != HKV_OK) {
+            pthread_mutex_unlock(&w->lock);
+            free(keys);
+            return st;
+        }
     }
     size_t n = (size_t)batch;
     memcpy(j->user_ids, user_ids, n * sizeof *j->user_ids);

@@ -924,6 +924,18 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
                               const int64_t *num_candidates, void *stream,
                               hkv_batch **out)
 {
+    return hkv_cache_allocate_after(c, batch, user_ids, history_lengths, cached_lengths,
+                                    epochs, token_keys, num_keys, num_candidates, stream,
+                                    NULL, out);
+}
+
+hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                                    const int64_t *history_lengths,
+                                    const int64_t *cached_lengths, const uint64_t *epochs,
+                                    const int64_t *token_keys, int64_t num_keys,
+                                    const int64_t *num_candidates, void *stream,
+                                    void *ready, hkv_batch **out)
+{
     *out = NULL;
     if (cached_lengths == NULL || epochs == NULL)
         return hkv_error(HKV_EINVAL, "allocate needs the cached lengths and "
@@ -1042,8 +1054,9 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
     }
     hkv_batch *bt = NULL;
     st = block_acquire(c, &bt);
-    if (st == HKV_OK && has_host(c))
-        st = hkv_xfer_begin(&c->xfer, stream);  /* order copies after the caller */
+    if (st == HKV_OK && has_host(c))  /* order copies after the caller */
+        st = ready != NULL ? hkv_xfer_begin_after(&c->xfer, ready)
+                           : hkv_xfer_begin(&c->xfer, stream);
     if (st != HKV_OK)
         goto out;
 

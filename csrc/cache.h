@@ -186,6 +186,16 @@ hkv_status hkv_cache_allocate(hkv_cache *c, int32_t batch, const int64_t *user_i
                               const int64_t *num_candidates, void *stream,
                               hkv_batch **out);
 
+/* allocate, with the transfers ordered after `ready` (an event the caller
+ * recorded on its stream earlier) rather than after everything queued on
+ * `stream` so far.  The prepare worker's entry point; ready may be NULL. */
+hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                                    const int64_t *history_lengths,
+                                    const int64_t *cached_lengths, const uint64_t *epochs,
+                                    const int64_t *token_keys, int64_t num_keys,
+                                    const int64_t *num_candidates, void *stream,
+                                    void *ready, hkv_batch **out);
+
 void hkv_batch_get_info(hkv_batch *b, hkv_batch_info *info);
 
 /*

@@ -54,6 +54,7 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
             st = hkv_cuda_event_create(device, &x->caller_ready);
         if (st == HKV_OK)
             st = hkv_cuda_event_create(device, &x->offload_done);
+        x->ready = x->caller_ready;
     }
     if (st != HKV_OK)
         hkv_xfer_destroy(x);
@@ -276,7 +277,14 @@ hkv_status hkv_xfer_begin(hkv_xfer *x, void *caller_stream)
 {
     if (!x->cuda)
         return HKV_OK;
+    x->ready = x->caller_ready;
     return hkv_cuda_event_record(x->device, x->caller_ready, caller_stream);
+}
+
+hkv_status hkv_xfer_begin_after(hkv_xfer *x, void *ready)
+{
+    x->ready = ready;
+    return HKV_OK;
 }
 
 static hkv_copy_pages_args copy_args(const hkv_table_desc *gpu, const hkv_host_tier *host,
@@ -322,7 +330,7 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     if (st != HKV_OK)
         return st;
     void *ev = NULL;
-    st = hkv_cuda_stream_wait_event(x->device, x->offload_stream, x->caller_ready);
+    st = hkv_cuda_stream_wait_event(x->device, x->offload_stream, x->ready);
     if (st == HKV_OK && x->delay_us > 0)
         st = hkv_cuda_spin(x->device, x->offload_stream, x->delay_us);
     /* a run, every layer: one 2-D copy, rows a table layer apart */
@@ -403,7 +411,7 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
                               &old_head, &nruns);
     if (st != HKV_OK)
         return st;
-    st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->caller_ready);
+    st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->ready);
     if (st == HKV_OK && after_offloads)
         st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
     const char *host_base = host->table->ptr;

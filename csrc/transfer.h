@@ -65,6 +65,8 @@ typedef struct hkv_xfer {
     void *onboard_stream;
     void *offload_stream;
     void *caller_ready;      /* the caller's stream, at hkv_xfer_begin     */
+    void *ready;             /* what transfers wait for: caller_ready or
+                                the event given to hkv_xfer_begin_after   */
     void *offload_done;      /* after the last offload                     */
     int32_t *ring;
     int32_t *ring_dev;       /* the ring's device address (CUDA)           */
@@ -99,6 +101,9 @@ void hkv_xfer_destroy(hkv_xfer *x);
 
 /* Mark the caller's stream: transfers queued after this wait for its work. */
 hkv_status hkv_xfer_begin(hkv_xfer *x, void *caller_stream);
+/* The same with an event the caller recorded earlier (kept, not copied:
+ * it must stay valid until the transfers are queued). */
+hkv_status hkv_xfer_begin_after(hkv_xfer *x, void *ready);
 
 /*
  * Offload n pages (all layers) from the GPU table to the host table:
