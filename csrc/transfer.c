@@ -412,7 +412,7 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     if (st != HKV_OK)
         return st;
     st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->ready);
-    if (st == HKV_OK && after_offloads)
+    if (st == HKV_OK && after_offloads && !x->skip_waits)
         st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
     const char *host_base = host->table->ptr;
     const int64_t gpu_layer = hkv_layer_bytes(gpu);

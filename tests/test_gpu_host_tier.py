@@ -13,6 +13,27 @@ torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.gpu
 
 
+# How transfers move pages (HSTU_KVCACHE_DMA_MIN_BYTES, read when a cache is
+# created): "kernel" only, "dma" for every run of 2+ consecutive pages (the
+# test pages are 4 KiB, far below the default 1 MiB), or the default.
+PATHS = {"kernel": "0", "dma": "1", "default": None}
+
+
+@pytest.fixture(params=list(PATHS))
+def path(request, monkeypatch):
+    if PATHS[request.param] is not None:
+        monkeypatch.setenv("HSTU_KVCACHE_DMA_MIN_BYTES", PATHS[request.param])
+    return request.param
+
+
+def check_path(gpu, path):
+    s = gpu.stats()
+    if path == "kernel":
+        assert s["dma_bytes"] == 0 and s["kernel_bytes"] > 0
+    elif path == "dma":
+        assert s["dma_bytes"] > 0
+
+
 def host_pair(mode, gpu_pages=8, host_pages=40, **kw):
     page_bytes = 2 * 8 * 2 * 32 * 4  # page 8, 2 heads x 32, float32
     return pair(num_pages=gpu_pages, host_capacity_bytes=host_pages * 2 * page_bytes,
@@ -42,27 +63,90 @@ def scenario(cpu, gpu, t_cpu, t_gpu, gen, rounds=3):
 
 
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
-def test_host_tier_matches_cpu(mode):
+def test_host_tier_matches_cpu(mode, path):
     cpu, gpu, t_cpu, t_gpu = host_pair(mode)
     scenario(cpu, gpu, t_cpu, t_gpu, torch.Generator().manual_seed(2))
+    check_path(gpu, path)
 
 
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
-def test_ordering_holds_with_delayed_copies(mode, monkeypatch):
+def test_ordering_holds_with_delayed_copies(mode, path, monkeypatch):
     monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "3000")
     cpu, gpu, t_cpu, t_gpu = host_pair(mode)
     scenario(cpu, gpu, t_cpu, t_gpu, torch.Generator().manual_seed(3))
+    check_path(gpu, path)
 
 
-def test_ordering_test_fails_without_the_waits(monkeypatch):
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_ordering_test_fails_without_the_waits(mode, path, monkeypatch):
     """The test of the test: with the waits removed, delayed copies land after
     the reads and writes they should precede, and results differ."""
     monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "3000")
     monkeypatch.setenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS", "1")
-    cpu, gpu, t_cpu, t_gpu = host_pair("lazy")
+    cpu, gpu, t_cpu, t_gpu = host_pair(mode)
     with pytest.raises(AssertionError):
         scenario(cpu, gpu, t_cpu, t_gpu, torch.Generator().manual_seed(4))
     torch.cuda.synchronize()
+
+
+def test_onboard_waits_for_the_offload_writing_its_pages(path, monkeypatch):
+    """Eager offload of a user, then at once an eviction and onboarding of
+    the same pages: the onboard reads host pages an offload still writes
+    (delayed), so it must wait for it; without the wait it reads stale
+    bytes (checked in the companion test below)."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "4000")
+    _, gpu, _, _ = host_pair("eager", gpu_pages=16)
+    k = torch.randn(2, 32, 2, 32, device="cuda")
+    with gpu.prepare([1], [32]) as b:
+        gpu.append(range(2), k, k + 1, b)   # eager offload queued, delayed
+    gpu.evict([1], gpu=True, host=False)    # host copy still being written
+    with gpu.prepare([1], [32]) as b:       # onboards it back
+        for layer in range(2):
+            kg, vg = gpu.gather(layer, b)
+            torch.cuda.synchronize()
+            assert torch.equal(kg, k[layer]) and torch.equal(vg, k[layer] + 1)
+    check_path(gpu, path)
+
+
+def test_onboard_after_offload_fails_without_the_wait(monkeypatch):
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "4000")
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS", "1")
+    with pytest.raises(AssertionError):
+        test_onboard_waits_for_the_offload_writing_its_pages("default", monkeypatch)
+    torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_offload_budget(mode, path, monkeypatch):
+    """A budget of one page in flight: eager offloads are deferred (written
+    back at eviction instead), write-backs wait for older copies; every
+    user's K/V still reads back exactly."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "2000")
+    one_page = 2 * (2 * 8 * 2 * 32 * 4)
+    _, gpu, _, _ = host_pair(mode, max_offload_bytes=one_page)
+    gen = torch.Generator().manual_seed(5)
+    ref = {}
+    for r in range(4):
+        for u in (1, 2, 3):
+            n = 17 + 6 * r + u
+            with gpu.prepare([u], [n]) as b:
+                cached = n - b.new_history_nnz
+                k = torch.randn(2, b.new_history_nnz, 2, 32, generator=gen)
+                gpu.append(range(2), k.cuda(), k.cuda() + 1, b)
+            ref[u] = torch.cat([ref[u][:, :cached], k], dim=1) if cached else k
+    for u in (1, 2, 3):
+        for layer in range(2):
+            kg, vg = gpu.read(u, layer)
+            torch.cuda.synchronize()
+            want = ref[u][layer, :kg.shape[0]]
+            assert torch.equal(kg.cpu(), want) and torch.equal(vg.cpu(), want + 1)
+    s = gpu.stats()
+    if mode == "eager":
+        assert s["offloads_deferred"] > 0
+    assert s["offload_backpressure_waits"] > 0
+    assert s["onboard_pages"] > 0
+    check_path(gpu, path)
+    gpu.check()
 
 
 def test_wait_layer_orders_a_reader():
@@ -100,7 +184,7 @@ def test_close_with_transfers_in_flight(monkeypatch):
 
 
 @pytest.mark.parametrize("mode", ["lazy", "eager"])
-def test_async_prepare_on_gpu_matches_cpu(mode, monkeypatch):
+def test_async_prepare_on_gpu_matches_cpu(mode, path, monkeypatch):
     """The worker thread issues the allocation's CUDA work (metadata upload,
     write-backs, layer-wise onboarding) on the caller's and the side streams;
     results equal the synchronous CPU path, also with delayed copies."""
@@ -126,4 +210,5 @@ def test_async_prepare_on_gpu_matches_cpu(mode, monkeypatch):
             same_tables(t_cpu, t_gpu)
             lengths[u] += 2 + r
     assert gpu.stats()["onboard_pages"] > 0
+    check_path(gpu, path)
     gpu.check()
