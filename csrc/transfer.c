@@ -49,7 +49,11 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
         if (st == HKV_OK)
             st = hkv_cuda_stream_create(device, &x->onboard_stream);
         if (st == HKV_OK)
+            st = hkv_cuda_stream_create(device, &x->onboard_kernel_stream);
+        if (st == HKV_OK)
             st = hkv_cuda_stream_create(device, &x->offload_stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_event_create(device, &x->kernel_layer_done);
         if (st == HKV_OK)
             st = hkv_cuda_event_create(device, &x->caller_ready);
         if (st == HKV_OK)
@@ -247,6 +251,8 @@ void hkv_xfer_destroy(hkv_xfer *x)
     if (x->cuda) {
         if (x->onboard_stream)
             (void)hkv_cuda_stream_sync(x->device, x->onboard_stream);
+        if (x->onboard_kernel_stream)
+            (void)hkv_cuda_stream_sync(x->device, x->onboard_kernel_stream);
         if (x->offload_stream)
             (void)hkv_cuda_stream_sync(x->device, x->offload_stream);
         for (int32_t i = 0; i < x->rec_count; i++)
@@ -258,6 +264,10 @@ void hkv_xfer_destroy(hkv_xfer *x)
             (void)hkv_cuda_event_destroy(x->device, x->caller_ready);
         if (x->offload_done)
             (void)hkv_cuda_event_destroy(x->device, x->offload_done);
+        if (x->kernel_layer_done)
+            (void)hkv_cuda_event_destroy(x->device, x->kernel_layer_done);
+        if (x->onboard_kernel_stream)
+            (void)hkv_cuda_stream_destroy(x->device, x->onboard_kernel_stream);
         if (x->onboard_stream)
             (void)hkv_cuda_stream_destroy(x->device, x->onboard_stream);
         if (x->offload_stream)
@@ -411,9 +421,20 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
                               &old_head, &nruns);
     if (st != HKV_OK)
         return st;
+    /* A mixed transfer runs the kernel's pages on a second stream, beside
+     * the DMAs: the kernel's PCIe reads fill the gaps between short DMAs
+     * (a fragmented host pool), and each layer's event waits for both. */
+    const int mixed = nruns > 0 && a.n > 0;
+    void *ks = mixed ? x->onboard_kernel_stream : x->onboard_stream;
     st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->ready);
     if (st == HKV_OK && after_offloads && !x->skip_waits)
         st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->offload_done);
+    if (st == HKV_OK && mixed) {
+        /* the kernel stream starts where the DMA stream is now */
+        st = hkv_cuda_event_record(x->device, x->kernel_layer_done, x->onboard_stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_stream_wait_event(x->device, ks, x->kernel_layer_done);
+    }
     const char *host_base = host->table->ptr;
     const int64_t gpu_layer = hkv_layer_bytes(gpu);
     const int64_t host_layer = (int64_t)host->num_pages * a.page_bytes;
@@ -421,6 +442,12 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         a.first_layer = l;
         if (x->delay_us > 0)
             st = hkv_cuda_spin(x->device, x->onboard_stream, x->delay_us);
+        if (st == HKV_OK && x->delay_us > 0 && mixed)
+            st = hkv_cuda_spin(x->device, ks, x->delay_us);
+        if (st == HKV_OK && a.n > 0)
+            st = hkv_cuda_copy_pages(&a, x->device, ks);
+        if (st == HKV_OK && mixed)
+            st = hkv_cuda_event_record(x->device, x->kernel_layer_done, ks);
         for (int64_t r = 0; st == HKV_OK && r < nruns; r++) {
             const hkv_xfer_run *run = &x->runs[r];
             st = hkv_cuda_memcpy_async(
@@ -428,8 +455,10 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
                 host_base + l * host_layer + run->src * a.page_bytes,
                 (size_t)run->n * (size_t)a.page_bytes, x->onboard_stream);
         }
-        if (st == HKV_OK && a.n > 0)
-            st = hkv_cuda_copy_pages(&a, x->device, x->onboard_stream);
+        /* (the wait captures the record just made, layer l's) */
+        if (st == HKV_OK && mixed)
+            st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream,
+                                            x->kernel_layer_done);
         if (st == HKV_OK)
             st = hkv_cuda_event_record(x->device, layer_events[l], x->onboard_stream);
     }
@@ -440,6 +469,7 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         st = hkv_cuda_event_record(x->device, ev, x->onboard_stream);
     if (st != HKV_OK) {
         /* Some layers may be queued: wait for them before reusing the ids. */
+        (void)hkv_cuda_stream_sync(x->device, x->onboard_kernel_stream);
         (void)hkv_cuda_stream_sync(x->device, x->onboard_stream);
         x->ring_head = old_head;
         if (ev != NULL)
