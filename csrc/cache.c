@@ -33,6 +33,18 @@
 
 enum { BATCH_OPEN = 1, BATCH_COMMITTED = 2, BATCH_CLOSED = 3 };
 
+/* Prefetches in flight at once; one more is dropped (it is only a hint). */
+#define PREFETCH_SETS 8
+
+/* One prefetch call's copy: its per-layer events and the users it pins
+ * until the last layer is in. */
+typedef struct prefetch_set {
+    uint64_t seq;            /* 0: free                                   */
+    void **layer_events;     /* [num_layers], created on first use        */
+    int32_t *slots;          /* [max_batch_size]                          */
+    int32_t num_slots;
+} prefetch_set;
+
 struct hkv_batch {
     hkv_cache *cache;
     hkv_buffer *host;        /* int32 metadata fields (pinned on CUDA)     */
@@ -53,6 +65,8 @@ struct hkv_batch {
     int32_t has_candidates;
     int32_t onboarded;       /* layer_events were recorded                 */
     void **layer_events;     /* CUDA: [num_layers], onboard per layer      */
+    uint64_t dep_seq;        /* a prefetch this batch's pages come from    */
+    int32_t dep_set;
     int32_t state;
     int32_t in_use;          /* handed out and not yet freed               */
     int32_t event_pending;   /* event recorded at free, not yet seen done   */
@@ -74,6 +88,8 @@ struct hkv_cache {
     int32_t reuse_wait;              /* a page still read by a copy was
                                         reallocated in this call          */
     hkv_stats stats;
+    prefetch_set prefetch[PREFETCH_SETS];
+    uint64_t prefetch_seq;
     int64_t pinned_pages;            /* pages of users with pins > 0       */
     int64_t meta_offsets[HKV_META_NUM_FIELDS];
     int64_t meta_words;              /* int32 words of one metadata block  */
@@ -166,6 +182,27 @@ static void maybe_remove(hkv_cache *c, int32_t slot)
     if (u->num_pages == 0 && u->host_pages == 0 && u->pins == 0) {
         hkv_user_remove(&c->users, slot);
         c->stats.users_evicted++;
+    }
+}
+
+static void reap_prefetch(hkv_cache *c, int all);
+static hkv_status finish_prefetch(hkv_cache *c, const hkv_user *u);
+
+/* Batches and prefetches pin their users: never evicted, pages counted in
+ * pinned_pages. */
+static void pin_user(hkv_cache *c, hkv_user *u)
+{
+    if (u->pins++ == 0)
+        c->pinned_pages += u->num_pages;
+}
+
+static void unpin_user(hkv_cache *c, int32_t slot)
+{
+    hkv_user *u = &c->users.users[slot];
+    if (--u->pins == 0) {
+        c->pinned_pages -= u->num_pages;
+        if (u->num_pages == 0 && u->host_pages == 0)
+            hkv_user_remove(&c->users, slot);
     }
 }
 
@@ -699,6 +736,14 @@ void hkv_cache_destroy(hkv_cache *c)
     free(c->blocks);
     /* Transfers may still read or write both tables: wait for them first. */
     hkv_xfer_destroy(&c->xfer);
+    for (int32_t i = 0; i < PREFETCH_SETS; i++) {
+        prefetch_set *ps = &c->prefetch[i];
+        for (int32_t l = 0; ps->layer_events != NULL && l < c->cfg.num_layers; l++)
+            if (ps->layer_events[l] != NULL)
+                (void)hkv_cuda_event_destroy(c->cfg.device_index, ps->layer_events[l]);
+        free(ps->layer_events);
+        free(ps->slots);
+    }
     hkv_host_tier_free_all(&c->host);
     free(c->xfer_a);
     free(c->xfer_b);
@@ -948,6 +993,8 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         st = hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
     if (st != HKV_OK)
         goto out;
+    if (is_cuda(c))
+        reap_prefetch(c, 0);
 
     /* Pass 1: check every user and count pages, changing nothing. */
     int64_t need = 0, freed = 0, unpinned_kept = 0, new_tokens = 0, rows = 0;
@@ -1060,6 +1107,7 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
     if (st != HKV_OK)
         goto out;
 
+    bt->dep_seq = 0;
     /* Pass 2: pin every user first, so evicting for one user never takes
      * pages of another user of the same batch; drop rewritten tails. */
     for (int32_t b = 0; b < batch; b++) {
@@ -1074,9 +1122,13 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         }
         hkv_user *u = &c->users.users[slot];
         bt->user_slots[b] = slot;
-        if (u->pins++ == 0)
-            c->pinned_pages += u->num_pages;
+        pin_user(c, u);
         hkv_user_touch(&c->users, slot);
+        if (u->prefetch > bt->dep_seq) {
+            /* its pages are still coming in: wait for that copy too */
+            bt->dep_seq = u->prefetch;
+            bt->dep_set = (int32_t)(u->prefetch % PREFETCH_SETS);
+        }
         if (c->scratch_trunc[b]) {
             int64_t before = u->num_pages;
             drop_tail_pages(c, u, c->scratch_keep[b]);
@@ -1348,9 +1400,19 @@ static hkv_status wait_onboard(hkv_cache *c, hkv_batch *bt, int32_t first, int32
 {
     if (c->xfer.skip_waits)
         return HKV_OK;  /* fault injection: the ordering tests must fail */
-    for (int32_t l = first; bt->onboarded && l < first + count; l++) {
-        hkv_status st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
-                                                   bt->layer_events[l]);
+    /* a prefetch still copying some of the batch's pages (a set reused
+     * since holds a later seq: that copy had completed) */
+    const prefetch_set *ps = bt->dep_seq != 0 && c->prefetch[bt->dep_set].seq == bt->dep_seq
+                                 ? &c->prefetch[bt->dep_set]
+                                 : NULL;
+    for (int32_t l = first; l < first + count; l++) {
+        hkv_status st = HKV_OK;
+        if (ps != NULL)
+            st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
+                                            ps->layer_events[l]);
+        if (st == HKV_OK && bt->onboarded)
+            st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
+                                            bt->layer_events[l]);
         if (st != HKV_OK)
             return st;
     }
@@ -1599,11 +1661,7 @@ static void close_locked(hkv_cache *c, hkv_batch *bt)
             u->filling = 0;
             bt->fills[b] = 0;
         }
-        if (--u->pins == 0) {
-            c->pinned_pages -= u->num_pages;
-            if (u->num_pages == 0 && u->host_pages == 0)
-                hkv_user_remove(&c->users, slot);
-        }
+        unpin_user(c, slot);
     }
     if (aborted)
         c->stats.batches_aborted++;
@@ -1767,6 +1825,13 @@ hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids,
         st = hkv_error(HKV_EINVAL, "tiers must name the GPU tier, the host tier or both");
         goto out;
     }
+    for (int32_t i = 0; i < count && st == HKV_OK; i++) {
+        int32_t slot = hkv_user_find(&c->users, user_ids[i]);
+        if (slot != HKV_NO_USER)
+            st = finish_prefetch(c, &c->users.users[slot]);
+    }
+    if (st != HKV_OK)
+        goto out;
     for (int32_t i = 0; i < count; i++) {
         int32_t slot = hkv_user_find(&c->users, user_ids[i]);
         if (slot != HKV_NO_USER && c->users.users[slot].pins > 0) {
@@ -1794,6 +1859,8 @@ int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *
 {
     pthread_mutex_lock(&c->lock);
     int64_t n = 0;
+    if (is_cuda(c))
+        reap_prefetch(c, 0);
     if (offload && has_host(c) && hkv_xfer_begin(&c->xfer, stream) != HKV_OK)
         offload = 0;  /* cannot order a write-back: drop instead */
     int32_t slot = c->users.lru_head;
@@ -1807,6 +1874,191 @@ int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *
     }
     pthread_mutex_unlock(&c->lock);
     return n;
+}
+
+/* ------------------------------------------------------------------ */
+/* prefetch                                                            */
+
+/* Release the users of every prefetch whose copy has completed (or all,
+ * after a full synchronisation). */
+static void reap_prefetch(hkv_cache *c, int all)
+{
+    for (int32_t i = 0; i < PREFETCH_SETS; i++) {
+        prefetch_set *ps = &c->prefetch[i];
+        if (ps->seq == 0)
+            continue;
+        int done = all;
+        if (!done && hkv_cuda_event_query(c->cfg.device_index,
+                                          ps->layer_events[c->cfg.num_layers - 1],
+                                          &done) != HKV_OK)
+            done = 0;  /* a failed query: keep the pins, ask again later */
+        if (!done)
+            continue;
+        for (int32_t k = 0; k < ps->num_slots; k++) {
+            hkv_user *u = &c->users.users[ps->slots[k]];
+            if (u->prefetch == ps->seq)
+                u->prefetch = 0;
+            unpin_user(c, ps->slots[k]);
+        }
+        ps->num_slots = 0;
+        ps->seq = 0;
+    }
+}
+
+/* Free one GPU page that costs nothing to drop: the least recently used
+ * unpinned user's tail page that has a host copy and no copy reading it.
+ * 0 if there is none (a prefetch then stops: it never writes back). */
+static int evict_one_copied_page(hkv_cache *c)
+{
+    hkv_user_index *ix = &c->users;
+    for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
+         slot = ix->users[slot].lru_next) {
+        hkv_user *u = &ix->users[slot];
+        if (u->pins > 0 || u->num_pages == 0 || u->num_pages > u->host_pages ||
+            c->pool.pages[u->tail_page].pins > 0)
+            continue;
+        drop_gpu_tail(c, u);
+        c->stats.pages_evicted++;
+        fix_length(c, u);
+        maybe_remove(c, slot);
+        return 1;
+    }
+    return 0;
+}
+
+/* Wait (blocking) for the prefetch copying into the user's pages, if any,
+ * and release its users: for explicit evictions. */
+static hkv_status finish_prefetch(hkv_cache *c, const hkv_user *u)
+{
+    if (u->prefetch == 0)
+        return HKV_OK;
+    const prefetch_set *ps = &c->prefetch[u->prefetch % PREFETCH_SETS];
+    hkv_status st = hkv_cuda_event_sync(c->cfg.device_index,
+                                        ps->layer_events[c->cfg.num_layers - 1]);
+    if (st == HKV_OK)
+        reap_prefetch(c, 0);
+    return st;
+}
+
+static hkv_status prefetch_set_ready(hkv_cache *c, prefetch_set *ps)
+{
+    if (ps->slots == NULL) {
+        ps->slots = malloc((size_t)c->cfg.max_batch_size * sizeof *ps->slots);
+        ps->layer_events = calloc((size_t)c->cfg.num_layers, sizeof *ps->layer_events);
+        if (ps->slots == NULL || ps->layer_events == NULL) {
+            free(ps->slots);
+            free(ps->layer_events);
+            ps->slots = NULL;
+            ps->layer_events = NULL;
+            return hkv_error(HKV_ENOMEM, "out of host memory");
+        }
+    }
+    for (int32_t l = 0; l < c->cfg.num_layers; l++)
+        if (ps->layer_events[l] == NULL) {
+            hkv_status st = hkv_cuda_event_create(c->cfg.device_index, &ps->layer_events[l]);
+            if (st != HKV_OK)
+                return st;
+        }
+    return HKV_OK;
+}
+
+hkv_status hkv_cache_prefetch(hkv_cache *c, int32_t count, const int64_t *user_ids,
+                              void *stream, int32_t *started)
+{
+    *started = 0;
+    if (count < 0 || count > c->cfg.max_batch_size)
+        return hkv_error(HKV_EINVAL, "prefetch of %d users; at most max_batch_size=%d "
+                         "at a time", (int)count, (int)c->cfg.max_batch_size);
+    pthread_mutex_lock(&c->lock);
+    hkv_status st = HKV_OK;
+    if (!has_host(c) || count == 0)
+        goto out;  /* nothing below the GPU tier to bring up */
+    st = hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
+    if (st != HKV_OK)
+        goto out;
+    prefetch_set *ps = NULL;
+    uint64_t seq = c->prefetch_seq + 1;
+    if (is_cuda(c)) {
+        reap_prefetch(c, 0);
+        ps = &c->prefetch[seq % PREFETCH_SETS];
+        if (ps->seq != 0) {
+            /* too many in flight: a hint is dropped, never waited for */
+            c->stats.prefetch_dropped += (uint64_t)count;
+            goto out;
+        }
+        st = prefetch_set_ready(c, ps);
+        if (st != HKV_OK)
+            goto out;
+    }
+    st = hkv_xfer_begin(&c->xfer, stream);
+    if (st != HKV_OK)
+        goto out;
+    /* Pin the users first, so room made for one never takes another's. */
+    int32_t n_users = 0;
+    for (int32_t i = 0; i < count; i++) {
+        int32_t slot = hkv_user_find(&c->users, user_ids[i]);
+        if (slot == HKV_NO_USER)
+            continue;
+        hkv_user *u = &c->users.users[slot];
+        if (u->pins > 0 || u->host_pages <= u->num_pages)
+            continue;  /* busy (or a duplicate), or nothing on the host only */
+        pin_user(c, u);
+        hkv_user_touch(&c->users, slot);
+        c->scratch_slot[n_users] = slot;
+        c->scratch_keep[n_users++] = u->num_pages;
+    }
+    int64_t n = 0;
+    for (int32_t k = 0; k < n_users; k++) {
+        hkv_user *u = &c->users.users[c->scratch_slot[k]];
+        int32_t host_page = hkv_host_page_at(&c->host, u, u->num_pages);
+        while (u->num_pages < u->host_pages) {
+            int32_t page = hkv_page_alloc(&c->pool, c->scratch_slot[k]);
+            if (page == HKV_NO_PAGE && evict_one_copied_page(c))
+                page = hkv_page_alloc(&c->pool, c->scratch_slot[k]);
+            if (page == HKV_NO_PAGE)
+                break;
+            hkv_user_push_page(&c->pool, u, page);
+            c->pinned_pages++;
+            hkv_filter_copy_page(&c->host.keys, host_page, &c->filter, page);
+            c->onb_host[n] = host_page;
+            c->onb_gpu[n++] = page;
+            host_page = c->host.pages[host_page].next;
+        }
+    }
+    if (n > 0)
+        st = hkv_xfer_onboard(&c->xfer, c->pool.pages, &c->table, &c->host, c->onb_host,
+                              c->onb_gpu, n, ps != NULL ? ps->layer_events : NULL);
+    int32_t got = 0;
+    for (int32_t k = 0; k < n_users; k++) {
+        int32_t slot = c->scratch_slot[k];
+        hkv_user *u = &c->users.users[slot];
+        int moved = u->num_pages > c->scratch_keep[k];
+        if (st != HKV_OK && moved)
+            drop_tail_pages(c, u, c->scratch_keep[k]);  /* nothing valid in them */
+        if (st != HKV_OK || !moved) {
+            if (st == HKV_OK)
+                c->stats.prefetch_dropped++;
+            unpin_user(c, slot);
+            continue;
+        }
+        got++;
+        c->stats.prefetch_pages += (uint64_t)(u->num_pages - c->scratch_keep[k]);
+        if (ps == NULL) {
+            unpin_user(c, slot);  /* CPU path: the copy is done */
+        } else {
+            u->prefetch = seq;
+            ps->slots[ps->num_slots++] = slot;
+        }
+    }
+    if (ps != NULL && ps->num_slots > 0) {
+        ps->seq = seq;
+        c->prefetch_seq = seq;
+    }
+    c->stats.prefetch_users += (uint64_t)got;
+    *started = got;
+out:
+    pthread_mutex_unlock(&c->lock);
+    return st;
 }
 
 void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
@@ -1834,6 +2086,8 @@ hkv_status hkv_cache_sync_transfers(hkv_cache *c)
         if (st == HKV_OK)
             st = hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
     }
+    if (st == HKV_OK && is_cuda(c))
+        reap_prefetch(c, 1);  /* their copies were records too: all done */
     pthread_mutex_unlock(&c->lock);
     return st;
 }
@@ -1847,6 +2101,8 @@ void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
     c->stats.users_cached = c->users.count;
     if (has_host(c)) {
         (void)hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
+        if (is_cuda(c))
+            reap_prefetch(c, 0);
         c->stats.host_pages_free = c->host.num_free;
         c->stats.host_pages_used = c->host.num_pages - c->host.num_free;
         c->stats.onboard_pages = c->xfer.onboard_pages;

@@ -83,6 +83,10 @@ typedef struct hkv_stats {
     uint64_t offload_backpressure_waits; /* write-backs that waited for room */
     uint64_t dma_bytes;          /* transfer bytes moved by DMA             */
     uint64_t kernel_bytes;       /* transfer bytes moved by the copy kernel */
+    uint64_t prefetch_users;     /* users whose prefetch started            */
+    uint64_t prefetch_pages;     /* pages onboarded by prefetch             */
+    uint64_t prefetch_dropped;   /* users a prefetch skipped: no room, or
+                                    too many prefetches in flight           */
     /* gauges */
     int64_t pages_total;
     int64_t pages_free;
@@ -273,6 +277,19 @@ hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids,
                            int32_t tiers, int32_t offload, void *stream);
 /* The same for every user not in an open batch; returns the users touched. */
 int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *stream);
+
+/*
+ * Prefetch: start onboarding the host-resident pages of up to
+ * max_batch_size users to the GPU tier, ahead of their requests.  A hint:
+ * it never blocks, takes only free GPU pages or pages that already have a
+ * host copy (never a write-back, never a user in an open batch), and drops
+ * users it has no room for.  Users stay pinned until their copy is in; a
+ * batch that uses them waits for it per layer like for its own onboard.
+ * Unknown users, users in open batches and users with nothing on the host
+ * are skipped.  *started receives the users whose pages are coming.
+ */
+hkv_status hkv_cache_prefetch(hkv_cache *c, int32_t count, const int64_t *user_ids,
+                              void *stream, int32_t *started);
 
 /* Tokens of a user cached on the GPU tier and on the host tier. */
 void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,

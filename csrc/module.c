@@ -649,6 +649,32 @@ static PyObject *Cache_evict(CacheObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+static PyObject *Cache_prefetch(CacheObject *self, PyObject *args)
+{
+    PyObject *ids_o, *stream_o;
+    if (!PyArg_ParseTuple(args, "OO", &ids_o, &stream_o) || !cache_ready(self))
+        return NULL;
+    void *stream;
+    if (get_stream(stream_o, &stream))
+        return NULL;
+    int_buffer ids;
+    if (get_int64s(ids_o, "user_ids", &ids, -1, 0, 0)) {
+        put_buffer(&ids);
+        return NULL;
+    }
+    hkv_status st = HKV_OK;
+    int32_t started = 0;
+    if (int_len(&ids) > INT32_MAX)
+        st = hkv_error(HKV_EINVAL, "too many users");
+    else
+        WITHOUT_GIL(self, st = hkv_cache_prefetch(self->cache, (int32_t)int_len(&ids),
+                                                  int_ptr(&ids), stream, &started));
+    put_buffer(&ids);
+    if (st != HKV_OK)
+        return raise_status(st);
+    return PyLong_FromLong(started);
+}
+
 static PyObject *Cache_evict_all(CacheObject *self, PyObject *args)
 {
     int tiers, offload;
@@ -763,7 +789,7 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(transfers_failed) ITEM(host_pages_total) ITEM(host_pages_free)
     ITEM(host_pages_used) ITEM(transfers_in_flight) ITEM(offload_queued_bytes)
     ITEM(offloads_deferred) ITEM(offload_backpressure_waits) ITEM(dma_bytes)
-    ITEM(kernel_bytes)
+    ITEM(kernel_bytes) ITEM(prefetch_users) ITEM(prefetch_pages) ITEM(prefetch_dropped)
 #undef ITEM
     if (put_histogram(d, "lookup_latency", &s.lookup_latency) != 0 ||
         put_histogram(d, "allocate_latency", &s.allocate_latency) != 0) {
@@ -795,6 +821,8 @@ static PyMethodDef Cache_methods[] = {
      "copy_pages(to_staging, first_layer, num_layers, page_ids, staging, stream)"},
     {"evict", (PyCFunction)Cache_evict, METH_VARARGS,
      "evict(user_ids, tiers, offload, stream)"},
+    {"prefetch", (PyCFunction)Cache_prefetch, METH_VARARGS,
+     "Start onboarding users' host pages (a hint)."},
     {"evict_all", (PyCFunction)Cache_evict_all, METH_VARARGS,
      "evict_all(tiers, offload, stream) -> users touched"},
     {"user_tiers", (PyCFunction)Cache_user_tiers, METH_VARARGS,

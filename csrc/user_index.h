@@ -40,6 +40,7 @@ typedef struct hkv_user {
     int32_t lru_prev;
     int32_t lru_next;
     int32_t in_use;     /* slot holds a user                               */
+    uint64_t prefetch;  /* seq of a prefetch still copying pages in, or 0  */
 } hkv_user;
 
 typedef struct hkv_user_index {

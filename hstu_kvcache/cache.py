@@ -458,6 +458,25 @@ class KVCache:
         handle = current_stream(self.config.device_kind, self.config.device_index, stream)
         self._native.evict(int64_array(user_ids, "user_ids"), tiers, bool(offload), handle)
 
+    def prefetch(self, user_ids: IntArray, stream: Any = None) -> int:
+        """Start bringing these users' cached pages from the host tier to the
+        GPU tier ahead of their requests (for example when a user opens the
+        app), so their next :meth:`prepare` finds them on the GPU.
+
+        A hint: it never blocks (the copies run on a side stream; a batch
+        that uses the users waits for them per layer, like for its own
+        onboarding), takes only free GPU pages or pages that already have a
+        host copy (never a write-back, never a user in an open batch), and
+        drops users it has no room for, or all of them when too many
+        prefetches are in flight.  Unknown users, users in open batches and
+        users with nothing only on the host are skipped.  Returns how many
+        users' pages are on their way."""
+        ids = int64_array(user_ids, "user_ids")
+        handle = current_stream(self.config.device_kind, self.config.device_index, stream)
+        step = self.config.max_batch_size
+        return sum(int(self._native.prefetch(ids[i:i + step], handle))
+                   for i in range(0, len(ids), step))
+
     def evict_all(self, gpu: bool = True, host: bool = True, offload: bool = False,
                   stream: Any = None) -> int:
         """:meth:`evict` for every user not in an open batch; returns how many

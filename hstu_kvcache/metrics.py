@@ -152,6 +152,16 @@ METRICS: Dict[str, MetricSpec] = {
     "kernel_bytes": MetricSpec(
         "hstu_kvcache_transfer_kernel_bytes_total", _C,
         "Transfer bytes moved by the zero-copy kernel (scattered pages).", "bytes"),
+    "prefetch_users": MetricSpec(
+        "hstu_kvcache_prefetch_users_total", _C,
+        "Users whose prefetch (host -> GPU ahead of a request) started.", "users"),
+    "prefetch_pages": MetricSpec(
+        "hstu_kvcache_prefetch_pages_total", _C,
+        "Pages onboarded by prefetch (all layers).", "pages"),
+    "prefetch_dropped": MetricSpec(
+        "hstu_kvcache_prefetch_dropped_total", _C,
+        "Users a prefetch skipped: no room without a write-back, or too many "
+        "prefetches in flight.", "users"),
     # -- gauges ---------------------------------------------------------------
     # not hstu_kvcache_pages_total: the _total suffix belongs to counters
     # (promtool check metrics flags a gauge that carries it)

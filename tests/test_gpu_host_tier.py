@@ -212,3 +212,49 @@ def test_async_prepare_on_gpu_matches_cpu(mode, path, monkeypatch):
     assert gpu.stats()["onboard_pages"] > 0
     check_path(gpu, path)
     gpu.check()
+
+
+def test_prefetch_then_prepare_waits_for_the_copy(path, monkeypatch):
+    """A prefetch's copies are delayed; the batch that uses the user right
+    after waits for them per layer (append, gather and wait_layer), and an
+    explicit evict waits for them too."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "4000")
+    _, gpu, _, t_gpu = host_pair("lazy", gpu_pages=16)
+    k = torch.randn(2, 40, 2, 32, device="cuda")
+    with gpu.prepare([1], [40]) as b:
+        gpu.append(range(2), k, k + 1, b)
+    gpu.evict([1], gpu=True, host=False, offload=True)
+    gpu.sync_transfers()
+    assert gpu.prefetch([1]) == 1                # 5 pages, delayed
+    with gpu.prepare([1], [44]) as b:            # nothing left to onboard
+        assert b.lookup.cached_lengths.tolist() == [40]
+        pages = b.kv_indices.long()
+        b.wait_layer(1)
+        got = t_gpu[1, pages[:5], 0].reshape(40, 2, 32).clone()   # a raw reader
+        new = torch.randn(2, 4, 2, 32, device="cuda")
+        gpu.append(range(2), new, new + 1, b)
+        for layer in range(2):
+            kg, vg = gpu.gather(layer, b)
+            torch.cuda.synchronize()
+            assert torch.equal(kg[:40], k[layer]) and torch.equal(vg[:40], k[layer] + 1)
+    torch.cuda.synchronize()
+    assert torch.equal(got, k[1])
+    s = gpu.stats()
+    assert s["prefetch_pages"] == 5 and s["onboard_pages"] == 5
+    assert gpu.prefetch([1]) == 0                # already up
+    gpu.evict([1], gpu=False, host=True)
+    gpu.evict([1], gpu=True, host=False, offload=True)
+    gpu.sync_transfers()
+    assert gpu.prefetch([1]) == 1
+    gpu.evict([1])                               # waits for the copy, then drops
+    assert gpu.cached_tiers(1) == (0, 0)
+    check_path(gpu, path)
+    gpu.check()
+
+
+def test_prefetch_ordering_fails_without_the_waits(monkeypatch):
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "4000")
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS", "1")
+    with pytest.raises(AssertionError):
+        test_prefetch_then_prepare_waits_for_the_copy("default", monkeypatch)
+    torch.cuda.synchronize()
