@@ -68,10 +68,25 @@ static void give_event(hkv_xfer *x, void *ev)
         (void)hkv_cuda_event_destroy(x->device, ev);
 }
 
+/* Add one transfer's time to its direction's counters. */
+static void count_time(hkv_xfer *x, int offload, uint64_t ns)
+{
+    if (offload) {
+        x->offload_ns += ns;
+        hkv_histogram_observe(&x->offload_latency, ns);
+    } else {
+        x->onboard_ns += ns;
+        hkv_histogram_observe(&x->onboard_latency, ns);
+    }
+}
+
 /* Retire the oldest record: its copy has completed. */
 static void retire(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
 {
     hkv_xfer_record *r = &x->records[x->rec_head];
+    count_time(x, r->offload, hkv_now_ns() - r->t0_ns);
+    if (r->offload)
+        x->offload_queued_bytes -= (int64_t)r->bytes;
     for (int64_t i = 0; i < r->n_gpu_pins; i++)
         gpu_pages[r->gpu_pins[i]].pins--;
     for (int64_t i = 0; i < r->n_host_pins; i++)
@@ -158,9 +173,15 @@ static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *
 
 static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
                         const int32_t *gpu_pins, int64_t n_gpu,
-                        const int32_t *host_pins, int64_t n_host)
+                        const int32_t *host_pins, int64_t n_host, uint64_t bytes,
+                        uint64_t t0_ns, int offload)
 {
     hkv_xfer_record *r = &x->records[(x->rec_head + x->rec_count) % x->rec_cap];
+    r->bytes = bytes;
+    r->t0_ns = t0_ns;
+    r->offload = offload;
+    if (offload)
+        x->offload_queued_bytes += (int64_t)bytes;
     r->event = event;
     r->ring_end = ring_end;
     r->gpu_pins = gpu_pins;
@@ -234,13 +255,16 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     a.first_layer = 0;
     a.num_layers = gpu->num_layers;
     a.n = n;
+    uint64_t bytes = (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
+    uint64_t t0 = hkv_now_ns();
     x->offload_pages += (uint64_t)n;
-    x->offload_bytes += (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
+    x->offload_bytes += bytes;
     x->transfers++;
     if (!x->cuda) {
         a.src_ids = gpu_ids;
         a.dst_ids = host_ids;
         hkv_cpu_copy_pages(&a);
+        count_time(x, 1, hkv_now_ns() - t0);
         return HKV_OK;
     }
     int64_t slot, old_head;
@@ -271,7 +295,8 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         for (int64_t i = 0; i < n; i++)
             gpu_pages[gpu_ids[i]].pins++;
     const int32_t *ids = ring_at(x, slot);  /* host view of the staged ids */
-    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0);
+    push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0,
+                bytes, t0, 1);
     if (done)
         *done = ev;
     return HKV_OK;
@@ -286,14 +311,17 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     hkv_copy_pages_args a = copy_args(gpu, host, 0);
     a.n = n;
     a.num_layers = 1;
+    uint64_t bytes = (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
+    uint64_t t0 = hkv_now_ns();
     x->onboard_pages += (uint64_t)n;
-    x->onboard_bytes += (uint64_t)n * (uint64_t)a.page_bytes * (uint64_t)gpu->num_layers;
+    x->onboard_bytes += bytes;
     x->transfers++;
     if (!x->cuda) {
         a.src_ids = host_ids;
         a.dst_ids = gpu_ids;
         a.num_layers = gpu->num_layers;
         hkv_cpu_copy_pages(&a);
+        count_time(x, 0, hkv_now_ns() - t0);
         return HKV_OK;
     }
     int64_t slot, old_head;
@@ -328,6 +356,6 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     }
     for (int64_t i = 0; i < n; i++)
         host->pages[host_ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, NULL, 0, ring_at(x, slot), n);
+    push_record(x, ev, slot + 2 * n, NULL, 0, ring_at(x, slot), n, bytes, t0, 0);
     return HKV_OK;
 }

@@ -26,6 +26,7 @@
 
 #include "host_tier.h"
 #include "kernels.h"
+#include "metrics.h"
 #include "page_pool.h"
 #include "status.h"
 
@@ -36,6 +37,9 @@ typedef struct hkv_xfer_record {
     int64_t n_gpu_pins;
     const int32_t *host_pins;
     int64_t n_host_pins;
+    uint64_t bytes;          /* of the copy, all layers                    */
+    uint64_t t0_ns;          /* when it was queued                         */
+    int offload;             /* 1: GPU -> host, 0: host -> GPU             */
 } hkv_xfer_record;
 
 typedef struct hkv_xfer {
@@ -66,6 +70,9 @@ typedef struct hkv_xfer {
     /* counters */
     uint64_t onboard_pages, offload_pages, onboard_bytes, offload_bytes;
     uint64_t transfers;
+    uint64_t onboard_ns, offload_ns;  /* copy time (CUDA: queued to seen done) */
+    int64_t offload_queued_bytes;     /* offloads queued, not yet seen done    */
+    hkv_histogram onboard_latency, offload_latency;
 } hkv_xfer;
 
 hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap);
