@@ -137,7 +137,20 @@ METRICS: Dict[str, MetricSpec] = {
         "Onboard and offload transfers queued.", "transfers"),
     "transfers_failed": MetricSpec(
         "hstu_kvcache_transfers_failed_total", _C,
-        "Offloads that could not be queued (the pages stayed on the GPU).", "transfers"),
+        "Transfers that could not be queued (a failed offload leaves the pages on the GPU, "
+        "a failed onboard reads as a miss).", "transfers"),
+    "onboard_seconds": MetricSpec(
+        "hstu_kvcache_onboard_seconds_total", _C,
+        "Time of host-to-GPU page copies (CPU path: the copy; CUDA: queued to seen complete, "
+        "an upper bound).", "seconds"),
+    "offload_seconds": MetricSpec(
+        "hstu_kvcache_offload_seconds_total", _C,
+        "Time of GPU-to-host page copies (CPU path: the copy; CUDA: queued to seen complete, "
+        "an upper bound).", "seconds"),
+    "events_dropped": MetricSpec(
+        "hstu_kvcache_events_dropped_total", _C,
+        "Cache event records overwritten before drain_events() took them (ring full).",
+        "events"),
     # -- gauges ---------------------------------------------------------------
     # not hstu_kvcache_pages_total: the _total suffix belongs to counters
     # (promtool check metrics flags a gauge that carries it)
@@ -164,6 +177,12 @@ METRICS: Dict[str, MetricSpec] = {
     "transfers_in_flight": MetricSpec(
         "hstu_kvcache_transfers_in_flight", _G,
         "Transfers queued on the side streams and not yet completed.", "transfers"),
+    "offload_queued_bytes": MetricSpec(
+        "hstu_kvcache_offload_queued_bytes", _G,
+        "Bytes of GPU-to-host copies queued and not yet seen complete.", "bytes"),
+    "events_pending": MetricSpec(
+        "hstu_kvcache_events_pending", _G,
+        "Cache event records waiting for drain_events().", "events"),
     "hit_rate": MetricSpec(
         "hstu_kvcache_hit_ratio", _G,
         "Hit tokens over looked-up history tokens since the cache was created "
@@ -180,10 +199,12 @@ METRICS: Dict[str, MetricSpec] = {
         "Time from prepare to its metadata being ready.", "seconds"),
     "onboard_latency": MetricSpec(
         "hstu_kvcache_onboard_latency_seconds", _H,
-        "Time of onboarding pages from a lower tier to the device.", "seconds"),
+        "Time of one onboard transfer from a lower tier to the device (CUDA: queued to "
+        "seen complete).", "seconds"),
     "offload_latency": MetricSpec(
         "hstu_kvcache_offload_latency_seconds", _H,
-        "Time of offloading pages from the device to a lower tier.", "seconds"),
+        "Time of one offload transfer from the device to a lower tier (CUDA: queued to "
+        "seen complete).", "seconds"),
 }
 
 UP_METRIC = MetricSpec(
