@@ -479,7 +479,25 @@ def test_dashboard_uses_rendered_metrics(cache):
         assert word in titles, word
     assert {"hstu_kvcache_lookup_latency_seconds_bucket",
             "hstu_kvcache_allocate_latency_seconds_bucket"} <= used
-    assert sum("histogram_quantile(0.99" in e for e in exprs) == 2
-    assert sum("histogram_quantile(0.5" in e for e in exprs) == 2
+    # lookup, allocate, onboard, offload: p50 and p99 each
+    assert sum("histogram_quantile(0.99" in e for e in exprs) == 4
+    assert sum("histogram_quantile(0.5" in e for e in exprs) == 4
+    # the host tier and the events
+    for word in ("host pages", "onboard / offload bytes", "transfers", "queued offload bytes",
+                 "events dropped"):
+        assert word in titles, word
+    assert {"hstu_kvcache_host_pages_used", "hstu_kvcache_host_pages_free",
+            "hstu_kvcache_onboard_bytes_total", "hstu_kvcache_offload_bytes_total",
+            "hstu_kvcache_transfers_in_flight", "hstu_kvcache_transfers_failed_total",
+            "hstu_kvcache_offload_queued_bytes", "hstu_kvcache_events_dropped_total"} <= used
+    # panels do not overlap on the 24-column grid
+    cells = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, p["title"]
+                cells.add((x, y))
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
