@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_tag, table, write_results  # noqa: E402
+from _common import add_plot_only, gpu_tag, plot_file, progress, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -47,13 +47,17 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=5)
+    add_plot_only(ap)
     args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
     if not hk.cuda_available():
         sys.exit("needs a CUDA GPU and a CUDA build of hstu_kvcache")
     page_bytes = 2 * PAGE * HEADS * HEAD_DIM * 2
     h2d, d2h = pinned_bandwidth(1 << 30)
     rows, results = [], []
-    for tokens in (1024, 2048, 4096):
+    for tokens in progress((1024, 2048, 4096), "tiers", note=lambda t: f"{t} tokens/user"):
         pages = BATCH * tokens // PAGE
         nbytes = pages * LAYERS * page_bytes
         cache = hk.KVCache(hk.KVCacheConfig(
