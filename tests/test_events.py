@@ -182,17 +182,34 @@ def test_closed_cache_raises_package_error():
         cache.drain_events()
 
 
-@pytest.mark.parametrize("mode", ["lazy", "eager"])
+@pytest.mark.parametrize("mode,verify", [("lazy", False), ("eager", False), ("lazy", True),
+                                         ("eager", True)])
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_replayed_events_match_the_cache(mode, seed):
+def test_replayed_events_match_the_cache(mode, verify, seed):
     """Apply the events to per-user page sets (stored/onboarded/offloaded
     add to `tier`, removed takes off); after every step they must equal
-    what cached_tiers() says each user holds."""
+    what cached_tiers() says each user holds.  In verified mode some
+    requests rewrite a user's history, so truncation is covered too."""
     rng = np.random.default_rng(seed)
-    cache = make(gpu_pages=10, host_pages=14, offload_mode=mode, events=4096)
+    cache = make(gpu_pages=10, host_pages=14, offload_mode=mode, events=4096,
+                 verify_tokens=verify)
     users = list(range(1, 9))
     lengths = {u: 0 for u in users}
+    history = {u: [] for u in users}   # verified mode: the keys of each user
+    next_key = [1]
     tiers = {}   # (user, tier) -> set of page indices
+
+    def request_keys(u, length):
+        if rng.random() < 0.3 and history[u]:          # rewrite from a random token
+            keep = int(rng.integers(0, len(history[u])))
+        else:
+            keep = len(history[u])
+        keys = history[u][:min(keep, length)]
+        while len(keys) < length:
+            keys.append(next_key[0])
+            next_key[0] += 1
+        history[u] = keys
+        return keys
 
     def replay():
         for e in cache.drain_events():
@@ -207,8 +224,12 @@ def test_replayed_events_match_the_cache(mode, seed):
         if op < 0.75:
             ids = [int(u) for u in rng.choice(users, size=int(rng.integers(1, 3)), replace=False)]
             lens = [min(lengths[u] + int(rng.integers(1, 12)), 40) for u in ids]
+            keys = None
+            if verify:
+                keys = np.array([k for u, n in zip(ids, lens) for k in request_keys(u, n)],
+                                dtype=np.int64)
             try:
-                serve(cache, ids, lens, layers=None if rng.random() < 0.9 else 1)
+                serve(cache, ids, lens, keys=keys, layers=None if rng.random() < 0.9 else 1)
             except hk.CacheFullError:
                 pass
             for u in ids:
