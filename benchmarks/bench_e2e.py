@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_tag, table, write_results  # noqa: E402
+from _common import add_plot_only, gpu_tag, plot_file, progress, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -100,7 +100,11 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of each path at the largest batch")
+    add_plot_only(ap)
     args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
     if not hk.cuda_available():
         sys.exit("needs a CUDA GPU and a CUDA build of hstu_kvcache")
     batches = [int(b) for b in args.batches.split(",")]
@@ -117,7 +121,7 @@ def main():
         host_capacity_bytes=(max(batches) * (HISTORY // page + 1) + 64) * 8 * 2 * page * 4 * 256 * 2))
     rows, results, host_rows = [], [], []
     gen = torch.Generator().manual_seed(0)
-    for bsz in batches:
+    for bsz in progress(batches, "e2e", note=lambda b: f"batch {b} done"):
         cache.evict_all()
         torch.cuda.reset_peak_memory_stats()
         ids = list(range(1000 * bsz, 1000 * bsz + bsz))

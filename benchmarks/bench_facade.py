@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_tag, table, write_results  # noqa: E402
+from _common import add_plot_only, gpu_tag, plot_file, progress, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -47,11 +47,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    add_plot_only(ap)
     args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
     if not hk.cuda_available():
         sys.exit("needs a CUDA GPU and a CUDA build of hstu_kvcache")
     rows, results = [], []
-    for tokens in (1024, 2048, 4096):
+    for tokens in progress((1024, 2048, 4096), "facade", note=lambda t: f"{t} tokens/user"):
         pages = BATCH * tokens // PAGE + 64
         mgr = KVCacheManager.from_config(get_kvcache_config(
             num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM, page_size=PAGE,

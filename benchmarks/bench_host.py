@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import table, write_results  # noqa: E402
+from _common import Progress, add_plot_only, plot_file, table, write_results  # noqa: E402
 
 import hstu_kvcache as hk  # noqa: E402
 
@@ -119,7 +119,11 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--repeat", type=int, default=2000)
     ap.add_argument("--out", default=None, help="results folder (default benchmarks/results)")
+    add_plot_only(ap)
     args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
 
     num_pages = 4 * B * L // P
     cfg = hk.KVCacheConfig(num_layers=1, num_heads=1, head_dim=8, num_pages=num_pages,
@@ -177,20 +181,28 @@ def main() -> None:
 
     fill()
     cases = []
+    bar = Progress(6, "host")
     # (a) everything cached
     a = native_case(full)
+    bar.update(note="(a) native")
     pa = plain_case(full, lambda: None)
+    bar.update(note="(a) plain Python")
     cases.append(("(a) all cached", a, pa, B * L // P))
     # (c) 32 new tokens per user (allocate then release without appending:
     # the batch rolls back, so every iteration sees the same state)
     c = native_case(grown)
+    bar.update(note="(c) native")
     pc = plain_case(grown, lambda: None)
+    bar.update(note="(c) plain Python")
     cases.append(("(c) 32 new tokens/user", c, pc, B * (L + NEW) // P))
     # (b) nothing cached: evict everything first
     cache.evict_all()
     plain.evict_all()
     b = native_case(full)
+    bar.update(note="(b) native")
     pb = plain_case(full, lambda: None)
+    bar.update(note="(b) plain Python")
+    bar.close()
     cases.append(("(b) nothing cached", b, pb, B * L // P))
 
     for name, (med, p90), (pmed, pp90), pages in cases:

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_tag, table, write_results  # noqa: E402
+from _common import Progress, add_plot_only, gpu_tag, plot_file, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -147,7 +147,11 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer iterations and cases")
     ap.add_argument("--out", default=None)
+    add_plot_only(ap)
     args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
     if not hk.cuda_available():
         sys.exit("needs a CUDA GPU and a CUDA build of hstu_kvcache")
     iters = 3 if args.quick else 10
@@ -157,6 +161,7 @@ def main():
            "torch_append_index_copy", "torch_gather_index_select", "torch_scatter_index_copy",
            "torch_gather_per_page_copy"]
     results, rows = [], []
+    bar = Progress(len(head_dims) * len(page_sizes), "kernels")
     for hd in head_dims:
         for ps in page_sizes:
             r = run_case(ps, hd, iters)
@@ -166,6 +171,8 @@ def main():
                 f"{r[o]:.0f} ({r[o] / r['copy']:.0%})" if o in r else "-" for o in ops])
             print(f"page {ps:3d} head_dim {hd:3d}: " + ", ".join(
                 f"{k} {v:.0f}" for k, v in r.items()), flush=True)
+            bar.update(note=f"page {ps} head_dim {hd}")
+    bar.close()
     print(f"\nGB/s (fraction of the device copy bandwidth), {LAYERS} layers x batch {BATCH} "
           f"x {TOKENS} tokens, {HEADS} heads, bf16; bytes = read + written\n")
     print(table(["page", "head_dim", "copy"] + [o.replace("torch_", "pt_") for o in ops], rows))

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import gpu_tag, table, write_results  # noqa: E402
+from _common import add_plot_only, gpu_tag, plot_file, progress, table, write_results  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -277,7 +277,11 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--repeat", type=int, default=6)
+    add_plot_only(ap)
     args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
     if not hk.cuda_available():
         sys.exit("needs a CUDA GPU and a CUDA build of hstu_kvcache")
     h2d, d2h, both = pinned_bandwidth(1 << 30)
@@ -286,7 +290,8 @@ def main() -> None:
     rows, results = [], []
     cases = [(t, p, False) for t in (1024, 2048, 4096) for p in ("default", "kernel")]
     cases += [(t, p, True) for t in (1024, 4096) for p in ("default", "dma256k", "kernel")]
-    for i, (tokens, path, frag) in enumerate(cases):
+    for i, (tokens, path, frag) in enumerate(progress(
+            cases, "tiers", note=lambda c: f"{c[0]} tokens, {c[1]}")):
         r = with_path(path, throughput, tokens, args.repeat, frag)
         r.update(tokens_per_user=tokens, path=path, host_pool="fragmented" if frag else "fresh",
                  offload_fraction=r["offload_GBps"] / d2h, onboard_fraction=r["onboard_GBps"] / h2d)

@@ -82,6 +82,7 @@ struct hkv_cache {
     hkv_token_filter filter;
     hkv_host_tier host;              /* num_pages == 0: no host tier       */
     hkv_xfer xfer;
+    hkv_event_ring events;           /* capacity 0: disabled (events.h)    */
     hkv_worker *worker;              /* prepare thread, started on demand   */
     int32_t *xfer_a;                 /* page id scratch of one transfer    */
     int32_t *xfer_b;
@@ -159,6 +160,9 @@ static void drop_gpu_tail(hkv_cache *c, hkv_user *u)
 {
     int32_t page = hkv_user_pop_page(&c->pool, u);
     hkv_page_release(&c->pool, page);
+    if ((int64_t)u->num_pages * c->cfg.page_size < u->length)  /* held cached tokens */
+        hkv_events_emit(&c->events, HKV_EVENT_REMOVED, HKV_TIER_GPU, HKV_TIER_GPU,
+                        u->id, u->num_pages, 1);
     if (u->pins > 0)
         c->pinned_pages--;
 }
@@ -173,6 +177,8 @@ static void drop_tail_pages(hkv_cache *c, hkv_user *u, int64_t keep)
 static void drop_host_tail(hkv_cache *c, hkv_user *u)
 {
     hkv_host_release(&c->host, hkv_host_pop(&c->host, u));
+    hkv_events_emit(&c->events, HKV_EVENT_REMOVED, HKV_TIER_HOST, HKV_TIER_HOST,
+                    u->id, u->host_pages, 1);
 }
 
 /* Remove a user that no tier holds any more (and no batch pins). */
@@ -288,6 +294,8 @@ static int64_t offload_user(hkv_cache *c, int32_t slot, int must, hkv_status *st
     }
     for (int64_t i = 0; i < n; i++)
         hkv_host_push(&c->host, u, c->xfer_b[i]);
+    hkv_events_emit(&c->events, HKV_EVENT_OFFLOADED, HKV_TIER_HOST, HKV_TIER_GPU,
+                    u->id, u->host_pages - n, n);
     return n;
 }
 
@@ -323,6 +331,7 @@ static int evict_one_page(hkv_cache *c)
             hkv_status st;
             int64_t n = offload_user(c, slot, 1, &st);
             c->stats.writeback_pages += (uint64_t)n;
+            c->stats.transfers_failed += st != HKV_OK;
             victim = slot;
             break;
         }
@@ -560,6 +569,9 @@ static hkv_status check_config(const hkv_config *cfg)
      * table that every append then overruns. */
     if (cfg->host_pages < 0)
         return hkv_error(HKV_EINVAL, "host_pages must not be negative");
+    if (cfg->event_capacity < 0 || cfg->event_capacity > HKV_EVENTS_MAX_CAPACITY)
+        return hkv_error(HKV_EINVAL, "event_capacity must be in 0..%d, got %d",
+                         HKV_EVENTS_MAX_CAPACITY, (int)cfg->event_capacity);
     if (cfg->offload_mode != HKV_OFFLOAD_LAZY && cfg->offload_mode != HKV_OFFLOAD_EAGER)
         return hkv_error(HKV_EINVAL, "offload_mode must be lazy (0) or eager (1)");
     if (cfg->max_offload_bytes < 0)
@@ -706,6 +718,8 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
         if (st == HKV_OK)
             st = hkv_xfer_init(&c->xfer, is_cuda(c), cfg.device_index, 4 * most + 64);
     }
+    if (st == HKV_OK)
+        st = hkv_events_init(&c->events, cfg.event_capacity);
     if (st != HKV_OK)
         goto fail;
     c->table.base = c->table_buf->ptr;
@@ -760,6 +774,7 @@ void hkv_cache_destroy(hkv_cache *c)
     free(c->scratch_onb);
     free(c->onb_host);
     free(c->onb_gpu);
+    hkv_events_free(&c->events);
     pthread_mutex_destroy(&c->lock);
     free(c);
 }
@@ -933,6 +948,9 @@ static void commit_batch(hkv_cache *c, hkv_batch *bt, void *stream)
         if (!bt->fills[b])
             continue;
         hkv_user *u = &c->users.users[bt->user_slots[b]];
+        hkv_events_emit(&c->events, HKV_EVENT_STORED, HKV_TIER_GPU, HKV_TIER_GPU,
+                        u->id, u->length / c->cfg.page_size,
+                        pages_for(c, u->reserved) - u->length / c->cfg.page_size);
         u->length = u->reserved;
         u->filling = 0;
         bt->fills[b] = 0;
@@ -1176,6 +1194,8 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
                 host_page = c->host.pages[host_page].next;
             }
         }
+        hkv_events_emit(&c->events, HKV_EVENT_ONBOARDED, HKV_TIER_GPU, HKV_TIER_HOST,
+                        u->id, c->scratch_keep[b], c->scratch_onb[b] - c->scratch_keep[b]);
         if (n > 0) {
             u->reserved = history_lengths[b];
             u->filling = 1;
@@ -1194,6 +1214,7 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         st = hkv_xfer_onboard(&c->xfer, c->pool.pages, &c->table, &c->host, c->onb_host,
                               c->onb_gpu, onb_count, bt->layer_events);
         if (st != HKV_OK) {
+            c->stats.transfers_failed++;
             /* The pages meant for the copy hold nothing valid: drop them. */
             for (int32_t b = 0; b < batch; b++) {
                 int32_t slot = bt->user_slots[b];
@@ -2043,6 +2064,8 @@ hkv_status hkv_cache_prefetch(hkv_cache *c, int32_t count, const int64_t *user_i
         }
         got++;
         c->stats.prefetch_pages += (uint64_t)(u->num_pages - c->scratch_keep[k]);
+        hkv_events_emit(&c->events, HKV_EVENT_ONBOARDED, HKV_TIER_GPU, HKV_TIER_HOST, u->id,
+                        c->scratch_keep[k], u->num_pages - c->scratch_keep[k]);
         if (ps == NULL) {
             unpin_user(c, slot);  /* CPU path: the copy is done */
         } else {
@@ -2115,9 +2138,38 @@ void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
         c->stats.offload_backpressure_waits = c->xfer.backpressure_waits;
         c->stats.dma_bytes = c->xfer.dma_bytes;
         c->stats.kernel_bytes = c->xfer.kernel_bytes;
+        c->stats.onboard_ns = c->xfer.onboard_ns;
+        c->stats.offload_ns = c->xfer.offload_ns;
+        c->stats.onboard_latency = c->xfer.onboard_latency;
+        c->stats.offload_latency = c->xfer.offload_latency;
     }
+    c->stats.events_dropped = c->events.dropped;
+    c->stats.events_pending = c->events.count;
     *out = c->stats;
     pthread_mutex_unlock(&c->lock);
+}
+
+hkv_status hkv_cache_drain_events(hkv_cache *c, hkv_event *out, int64_t max,
+                                  int64_t *count)
+{
+    *count = 0;
+    if (max < 0)
+        return hkv_error(HKV_EINVAL, "max_events must not be negative, got %lld",
+                         (long long)max);
+    if (max > 0 && out == NULL)
+        return hkv_error(HKV_EINVAL, "no buffer for %lld events", (long long)max);
+    pthread_mutex_lock(&c->lock);
+    *count = hkv_events_drain(&c->events, out, max);
+    pthread_mutex_unlock(&c->lock);
+    return HKV_OK;
+}
+
+int64_t hkv_cache_events_pending(hkv_cache *c)
+{
+    pthread_mutex_lock(&c->lock);
+    int64_t n = c->events.count;
+    pthread_mutex_unlock(&c->lock);
+    return n;
 }
 
 /* ------------------------------------------------------------------ */

@@ -22,6 +22,7 @@
 
 #include <stdint.h>
 
+#include "events.h"
 #include "kernels.h"
 #include "memory.h"
 #include "metrics.h"
@@ -50,6 +51,8 @@ typedef struct hkv_config {
     int32_t host_pages;        /* pages of the host tier; 0: no host tier  */
     int32_t offload_mode;      /* HKV_OFFLOAD_LAZY or HKV_OFFLOAD_EAGER    */
     int64_t max_offload_bytes; /* offload bytes in flight; 0: default     */
+    int32_t event_capacity;    /* records of the event ring (events.h);
+                                  0: no events, no cost                    */
 } hkv_config;
 
 /* When pages go to the host tier: at eviction (write-back, "lazy") or as
@@ -77,7 +80,7 @@ typedef struct hkv_stats {
     uint64_t writeback_pages;    /* offloaded because of an eviction        */
     uint64_t host_pages_evicted; /* host pages taken from LRU users         */
     uint64_t transfers;
-    uint64_t transfers_failed;   /* offloads that could not be queued        */
+    uint64_t transfers_failed;   /* transfers that could not be queued      */
     uint64_t offloads_deferred;  /* eager offloads left to eviction time
                                     because the offload budget was full     */
     uint64_t offload_backpressure_waits; /* write-backs that waited for room */
@@ -87,6 +90,9 @@ typedef struct hkv_stats {
     uint64_t prefetch_pages;     /* pages onboarded by prefetch             */
     uint64_t prefetch_dropped;   /* users a prefetch skipped: no room, or
                                     too many prefetches in flight           */
+    uint64_t onboard_ns;         /* time of onboard transfers (see below)   */
+    uint64_t offload_ns;         /* time of offload transfers               */
+    uint64_t events_dropped;     /* event records overwritten undrained     */
     /* gauges */
     int64_t pages_total;
     int64_t pages_free;
@@ -99,9 +105,15 @@ typedef struct hkv_stats {
     int64_t host_pages_used;
     int64_t transfers_in_flight;
     int64_t offload_queued_bytes; /* offload bytes queued, not yet done     */
+    int64_t events_pending;      /* event records waiting for a drain       */
     /* latency of the host-side calls */
     hkv_histogram lookup_latency;
     hkv_histogram allocate_latency;
+    /* Transfer times: the copy itself on the CPU path; on CUDA from queueing
+     * to the moment the core saw the copy complete (an upper bound: the
+     * core looks at allocate, stats and sync_transfers). */
+    hkv_histogram onboard_latency;
+    hkv_histogram offload_latency;
 } hkv_stats;
 
 /* A strided tensor as the binding sees it (from DLPack), with strides in
@@ -299,6 +311,13 @@ void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
 hkv_status hkv_cache_sync_transfers(hkv_cache *c);
 
 void hkv_cache_stats(hkv_cache *c, hkv_stats *out);
+
+/* Move up to `max` of the oldest event records into out (oldest first);
+ * *count receives how many.  Holds the cache lock only to copy. */
+hkv_status hkv_cache_drain_events(hkv_cache *c, hkv_event *out, int64_t max,
+                                  int64_t *count);
+/* Records waiting for a drain (0 when events are disabled). */
+int64_t hkv_cache_events_pending(hkv_cache *c);
 
 /*
  * Invariant check for tests: page ownership, chains, counts, LRU list and

@@ -329,10 +329,10 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "device_index", "max_batch_size", "max_seq_len",
                              "max_batch_tokens", "verify_tokens",
                              "max_open_batches", "host_pages", "offload_mode",
-                             "max_offload_bytes", NULL};
+                             "max_offload_bytes", "event_capacity", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiL", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLi", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
@@ -340,7 +340,8 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                                      &cfg.max_batch_size, &cfg.max_seq_len,
                                      &cfg.max_batch_tokens, &cfg.verify_tokens,
                                      &cfg.max_open_batches, &cfg.host_pages,
-                                     &cfg.offload_mode, &cfg.max_offload_bytes))
+                                     &cfg.offload_mode, &cfg.max_offload_bytes,
+                                     &cfg.event_capacity))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");
@@ -714,6 +715,45 @@ static PyObject *Cache_sync_transfers(CacheObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+/* drain_events(max) -> [(seq, kind, tier, from_tier, user_id, page_index,
+ * num_pages, timestamp_ns), ...], oldest first; max < 0: every pending one. */
+static PyObject *Cache_drain_events(CacheObject *self, PyObject *args)
+{
+    long long max;
+    if (!PyArg_ParseTuple(args, "L", &max) || !cache_ready(self))
+        return NULL;
+    int64_t pending;
+    WITHOUT_GIL(self, pending = hkv_cache_events_pending(self->cache));
+    int64_t want = max < 0 || max > pending ? pending : max;
+    hkv_event *buf = NULL;
+    if (want > 0) {
+        buf = PyMem_Malloc((size_t)want * sizeof *buf);
+        if (buf == NULL)
+            return PyErr_NoMemory();
+    }
+    hkv_status st;
+    int64_t n = 0;
+    WITHOUT_GIL(self, st = hkv_cache_drain_events(self->cache, buf, want, &n));
+    if (st != HKV_OK) {
+        PyMem_Free(buf);
+        return raise_status(st);
+    }
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    for (int64_t i = 0; list != NULL && i < n; i++) {
+        const hkv_event *e = &buf[i];
+        PyObject *t = Py_BuildValue("(KiiiLLiL)", (unsigned long long)e->seq, (int)e->kind,
+                                    (int)e->tier, (int)e->from_tier, (long long)e->user_id,
+                                    (long long)e->page_index, (int)e->num_pages,
+                                    (long long)e->timestamp_ns);
+        if (t == NULL)
+            Py_CLEAR(list);
+        else
+            PyList_SET_ITEM(list, (Py_ssize_t)i, t);
+    }
+    PyMem_Free(buf);
+    return list;
+}
+
 static PyObject *Cache_check(CacheObject *self, PyObject *unused)
 {
     (void)unused;
@@ -728,6 +768,16 @@ static PyObject *Cache_check(CacheObject *self, PyObject *unused)
 static int put_item(PyObject *d, const char *key, long long value)
 {
     PyObject *v = PyLong_FromLongLong(value);
+    if (v == NULL)
+        return -1;
+    int r = PyDict_SetItemString(d, key, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int put_float(PyObject *d, const char *key, double value)
+{
+    PyObject *v = PyFloat_FromDouble(value);
     if (v == NULL)
         return -1;
     int r = PyDict_SetItemString(d, key, v);
@@ -789,10 +839,18 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(transfers_failed) ITEM(host_pages_total) ITEM(host_pages_free)
     ITEM(host_pages_used) ITEM(transfers_in_flight) ITEM(offload_queued_bytes)
     ITEM(offloads_deferred) ITEM(offload_backpressure_waits) ITEM(dma_bytes)
-    ITEM(kernel_bytes) ITEM(prefetch_users) ITEM(prefetch_pages) ITEM(prefetch_dropped)
+    ITEM(kernel_bytes) ITEM(prefetch_users) ITEM(prefetch_pages) ITEM(prefetch_dropped) ITEM(events_dropped)
+    ITEM(events_pending)
 #undef ITEM
+    if (put_float(d, "onboard_seconds", (double)s.onboard_ns * 1e-9) != 0 ||
+        put_float(d, "offload_seconds", (double)s.offload_ns * 1e-9) != 0) {
+        Py_DECREF(d);
+        return NULL;
+    }
     if (put_histogram(d, "lookup_latency", &s.lookup_latency) != 0 ||
-        put_histogram(d, "allocate_latency", &s.allocate_latency) != 0) {
+        put_histogram(d, "allocate_latency", &s.allocate_latency) != 0 ||
+        put_histogram(d, "onboard_latency", &s.onboard_latency) != 0 ||
+        put_histogram(d, "offload_latency", &s.offload_latency) != 0) {
         Py_DECREF(d);
         return NULL;
     }
@@ -830,6 +888,9 @@ static PyMethodDef Cache_methods[] = {
     {"sync_transfers", (PyCFunction)Cache_sync_transfers, METH_NOARGS,
      "Wait for every transfer in flight."},
     {"check", (PyCFunction)Cache_check, METH_NOARGS, "Check internal invariants."},
+    {"drain_events", (PyCFunction)Cache_drain_events, METH_VARARGS,
+     "drain_events(max) -> [(seq, kind, tier, from_tier, user_id, page_index, "
+     "num_pages, timestamp_ns)] (max < 0: all)"},
     {"stats", (PyCFunction)Cache_stats, METH_NOARGS, "Counters as a dict."},
     {NULL, NULL, 0, NULL}};
 
@@ -1149,7 +1210,11 @@ PyMODINIT_FUNC PyInit__C(void)
     static const struct { const char *name; int value; } codes[] = {
         {"OK", HKV_OK}, {"EINVAL", HKV_EINVAL}, {"ENOMEM", HKV_ENOMEM},
         {"EFULL", HKV_EFULL}, {"ESTATE", HKV_ESTATE}, {"ECUDA", HKV_ECUDA},
-        {"ENODEV", HKV_ENODEV}, {"ESTALE", HKV_ESTALE}, {"EBUSY", HKV_EBUSY}};
+        {"ENODEV", HKV_ENODEV}, {"ESTALE", HKV_ESTALE}, {"EBUSY", HKV_EBUSY},
+        {"EVENT_STORED", HKV_EVENT_STORED}, {"EVENT_REMOVED", HKV_EVENT_REMOVED},
+        {"EVENT_ONBOARDED", HKV_EVENT_ONBOARDED}, {"EVENT_OFFLOADED", HKV_EVENT_OFFLOADED},
+        {"TIER_GPU", HKV_TIER_GPU}, {"TIER_HOST", HKV_TIER_HOST},
+        {"EVENTS_MAX_CAPACITY", HKV_EVENTS_MAX_CAPACITY}};
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
         if (PyModule_AddIntConstant(m, codes[i].name, codes[i].value) < 0) {
             Py_DECREF(m);

@@ -82,6 +82,18 @@ static void give_event(hkv_xfer *x, void *ev)
         (void)hkv_cuda_event_destroy(x->device, ev);
 }
 
+/* Add one transfer's time to its direction's counters. */
+static void count_time(hkv_xfer *x, int offload, uint64_t ns)
+{
+    if (offload) {
+        x->offload_ns += ns;
+        hkv_histogram_observe(&x->offload_latency, ns);
+    } else {
+        x->onboard_ns += ns;
+        hkv_histogram_observe(&x->onboard_latency, ns);
+    }
+}
+
 /* Retire the oldest record: its copy has completed. */
 static void retire(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
 {
@@ -93,6 +105,7 @@ static void retire(hkv_xfer *x, hkv_page *gpu_pages, hkv_host_tier *host)
     for (int64_t i = 0; i < r->n_host_writes; i++)
         host->writes[r->host_writes[i]]--;
     x->offload_queued_bytes -= r->offload_bytes;
+    count_time(x, r->offload, hkv_now_ns() - r->t0_ns);
     x->ring_tail = r->ring_end;
     give_event(x, r->event);
     x->rec_head = (x->rec_head + 1) % x->rec_cap;
@@ -213,9 +226,13 @@ static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *
 static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
                         const int32_t *gpu_pins, int64_t n_gpu,
                         const int32_t *host_pins, int64_t n_host,
-                        const int32_t *host_writes, int64_t n_writes, int64_t offload_bytes)
+                        const int32_t *host_writes, int64_t n_writes, int64_t offload_bytes,
+                        uint64_t bytes, uint64_t t0_ns, int offload)
 {
     hkv_xfer_record *r = &x->records[(x->rec_head + x->rec_count) % x->rec_cap];
+    r->bytes = bytes;
+    r->t0_ns = t0_ns;
+    r->offload = offload;
     r->event = event;
     r->ring_end = ring_end;
     r->gpu_pins = gpu_pins;
@@ -325,10 +342,12 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     a.num_layers = gpu->num_layers;
     a.n = n;
     const int64_t bytes = n * a.page_bytes * gpu->num_layers;
+    const uint64_t t0 = hkv_now_ns();
     if (!x->cuda) {
         a.src_ids = gpu_ids;
         a.dst_ids = host_ids;
         hkv_cpu_copy_pages(&a);
+        count_time(x, 1, hkv_now_ns() - t0);
         x->offload_pages += (uint64_t)n;
         x->offload_bytes += (uint64_t)bytes;
         x->transfers++;
@@ -383,7 +402,7 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     for (int64_t i = 0; i < n; i++)
         host->writes[ids[n + i]]++;
     push_record(x, ev, slot + 2 * n, pin_gpu ? ids : NULL, pin_gpu ? n : 0, NULL, 0,
-                ids + n, n, bytes);
+                ids + n, n, bytes, (uint64_t)bytes, t0, 1);
     if (done)
         *done = ev;
     return HKV_OK;
@@ -399,11 +418,13 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     a.n = n;
     a.num_layers = 1;
     const int64_t bytes = n * a.page_bytes * gpu->num_layers;
+    const uint64_t t0 = hkv_now_ns();
     if (!x->cuda) {
         a.src_ids = host_ids;
         a.dst_ids = gpu_ids;
         a.num_layers = gpu->num_layers;
         hkv_cpu_copy_pages(&a);
+        count_time(x, 0, hkv_now_ns() - t0);
         x->onboard_pages += (uint64_t)n;
         x->onboard_bytes += (uint64_t)bytes;
         x->transfers++;
@@ -484,6 +505,6 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
     const int32_t *ids = ring_at(x, slot);
     for (int64_t i = 0; i < n; i++)
         host->pages[ids[i]].pins++;
-    push_record(x, ev, slot + 2 * n, NULL, 0, ids, n, NULL, 0, 0);
+    push_record(x, ev, slot + 2 * n, NULL, 0, ids, n, NULL, 0, 0, (uint64_t)bytes, t0, 0);
     return HKV_OK;
 }

@@ -37,6 +37,7 @@
 
 #include "host_tier.h"
 #include "kernels.h"
+#include "metrics.h"
 #include "page_pool.h"
 #include "status.h"
 
@@ -50,6 +51,9 @@ typedef struct hkv_xfer_record {
     const int32_t *host_writes; /* host pages an offload writes            */
     int64_t n_host_writes;
     int64_t offload_bytes;      /* counted in offload_queued_bytes         */
+    uint64_t bytes;             /* of the copy, all layers                 */
+    uint64_t t0_ns;             /* when it was queued                      */
+    int offload;                /* 1: GPU -> host, 0: host -> GPU          */
 } hkv_xfer_record;
 
 /* A run of n pages consecutive in both tables. */
@@ -95,6 +99,8 @@ typedef struct hkv_xfer {
     uint64_t transfers;
     uint64_t dma_bytes, kernel_bytes;  /* bytes moved by each mechanism   */
     uint64_t backpressure_waits;       /* offloads that waited for room   */
+    uint64_t onboard_ns, offload_ns;  /* copy time (CUDA: queued to seen done) */
+    hkv_histogram onboard_latency, offload_latency;
 } hkv_xfer;
 
 hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap);

@@ -12,6 +12,7 @@ _errors._install()
 
 from .cache import Batch, KVCache, LookupResult, PendingBatch, cuda_available  # noqa: E402
 from .config import KVCacheConfig  # noqa: E402
+from .events import CacheEvent, EventKind  # noqa: E402
 from .errors import (CacheBusyError, CacheFullError, CudaError, InvalidArgumentError,  # noqa: E402
                      InvalidStateError, KVCacheError, NoDeviceError, OutOfMemoryError,
                      StaleLookupError)
@@ -26,7 +27,7 @@ def cuda_built() -> bool:
 
 
 __all__ = [
-    "Batch", "KVCache", "KVCacheConfig", "LookupResult", "PendingBatch", "cuda_available", "cuda_built",
+    "Batch", "CacheEvent", "EventKind", "KVCache", "KVCacheConfig", "LookupResult", "PendingBatch", "cuda_available", "cuda_built",
     "strip_cached_tokens", "KVCacheError", "InvalidArgumentError", "CacheFullError",
     "StaleLookupError", "CacheBusyError", "InvalidStateError", "CudaError",
     "NoDeviceError", "OutOfMemoryError", "__version__",

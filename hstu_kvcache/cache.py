@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gc
 import threading
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -28,6 +28,7 @@ from ._tensors import (DL_CPU, DL_CUDA, Exported, capsule, current_stream, has_t
                        int64_array, is_torch, require_torch, torch)
 from .config import DTYPES, KVCacheConfig
 from .errors import CacheBusyError, InvalidArgumentError
+from .events import CacheEvent
 
 IntArray = Union[Sequence[int], np.ndarray, Any]
 
@@ -263,7 +264,8 @@ class KVCache:
             max_open_batches=config.max_open_batches,
             host_pages=config.host_pages,
             offload_mode=0 if config.offload_mode == "lazy" else 1,
-            max_offload_bytes=config.max_offload_bytes)
+            max_offload_bytes=config.max_offload_bytes,
+            event_capacity=config.event_capacity)
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)
@@ -495,11 +497,44 @@ class KVCache:
         self._native.sync_transfers()
 
     def stats(self) -> Dict[str, Union[int, float]]:
-        """Counters of the core as a plain dict (plus ``hit_rate``)."""
+        """Counters of the core as a plain dict (plus ``hit_rate``).
+
+        Counters only grow; gauges (``pages_free``, ``host_pages_used``,
+        ``transfers_in_flight``, ``offload_queued_bytes``, ``events_pending``,
+        ...) are the state now; ``*_latency`` entries are histograms
+        ``{"buckets": [(upper bound in s, cumulative count), ...], "count",
+        "sum" (s)}``.  ``hstu_kvcache.metrics.METRICS`` documents every key.
+        """
         s = self._native.stats()
         total = s["hit_tokens"] + s["missed_tokens"]
         s["hit_rate"] = s["hit_tokens"] / total if total else 0.0
         return s
+
+    def drain_events(self, max_events: Optional[int] = None) -> List[CacheEvent]:
+        """Take the oldest pending cache events (all of them by default),
+        oldest first; they are removed from the cache's ring.
+
+        Events need ``KVCacheConfig(event_capacity=N)``; with the default 0
+        this returns ``[]``.  See :mod:`hstu_kvcache.events` for what each
+        kind means.  ``stats()['events_pending']`` says how many wait and
+        ``stats()['events_dropped']`` how many were lost to overflow.
+
+        Args:
+            max_events: most events to return (an int >= 0), or None for all.
+
+        Raises:
+            InvalidArgumentError: max_events is not None or an int >= 0.
+        """
+        if max_events is None:
+            n = -1
+        elif isinstance(max_events, bool) or not isinstance(max_events, (int, np.integer)):
+            raise InvalidArgumentError(
+                f"max_events must be an int >= 0 or None, got {max_events!r}")
+        else:
+            n = int(max_events)
+            if n < 0:
+                raise InvalidArgumentError(f"max_events must be >= 0, got {n}")
+        return [CacheEvent._from_core(r) for r in self._native.drain_events(n)]
 
     def check(self) -> None:
         """Verify the core's internal invariants (raises InvalidStateError)."""

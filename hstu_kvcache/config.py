@@ -15,6 +15,10 @@ DTYPES = {
 }
 
 
+#: Largest ``event_capacity`` (records of 48 bytes: 768 MiB).
+MAX_EVENT_CAPACITY = 1 << 24
+
+
 def dtype_name(dtype: Any) -> str:
     """Normalise a dtype given as a string, a torch dtype or a NumPy dtype."""
     name = str(dtype)
@@ -103,6 +107,11 @@ class KVCacheConfig:
             time and write-backs at eviction wait for older copies
             (backpressure), so queued copy work stays bounded and onboards
             never queue behind seconds of offloads.
+        event_capacity: records of the cache's event ring
+            (:meth:`KVCache.drain_events`, :mod:`hstu_kvcache.events`); 0
+            (default) disables events at no cost.  65536 (3 MiB) holds a few
+            seconds of a busy cache between drains; when the ring is full the
+            oldest records are dropped and counted (``events_dropped``).
     """
 
     num_layers: int
@@ -120,6 +129,7 @@ class KVCacheConfig:
     host_capacity_bytes: int = 0
     offload_mode: str = "lazy"
     max_offload_bytes: int = 0
+    event_capacity: int = 0
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -149,6 +159,8 @@ class KVCacheConfig:
              _positive_int("max_open_batches", self.max_open_batches, 1, 1024))
         set_(self, "host_capacity_bytes",
              _positive_int("host_capacity_bytes", self.host_capacity_bytes, 0))
+        set_(self, "event_capacity",
+             _positive_int("event_capacity", self.event_capacity, 0, MAX_EVENT_CAPACITY))
         if self.offload_mode not in ("lazy", "eager"):
             raise InvalidArgumentError(
                 f"offload_mode must be 'lazy' or 'eager', got {self.offload_mode!r}")

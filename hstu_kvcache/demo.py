@@ -1,7 +1,7 @@
 """The main job: serve a stream of HSTU requests with the cache and without
 it, and show hit rate, latency and that the scores match.
 
-    python -m hstu_kvcache demo [--requests 120] [--device cuda] ...
+    python -m hstu_kvcache demo [--requests 120] [--device cuda] [--plot latency.png] ...
 
 Users come back with a few new events each time (their history grows);
 the cache keeps their history K/V, so each request only computes the new
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="verified mode (token keys)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--plot", metavar="PATH", default=None,
+                   help="write a PNG of the per-request latency with and without the cache "
+                        "(needs matplotlib)")
     return p
 
 
@@ -80,6 +83,42 @@ class Progress:
         sys.stderr.flush()
         if done == self.total:
             sys.stderr.write("\n")
+
+
+def plot_latency(lat_cache: Sequence[float], lat_full: Sequence[float], path: str,
+                 title: str = "") -> bool:
+    """Write a PNG of per-request latency (seconds in, ms plotted) with and
+    without the cache: the series over the run and their distributions.
+    Returns False (after saying so in one line) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot written (pip install matplotlib)")
+        return False
+    with_ms = [x * 1e3 for x in lat_cache]
+    without_ms = [x * 1e3 for x in lat_full]
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), gridspec_kw={"width_ratios": [2, 1]})
+    ax.plot(range(1, len(without_ms) + 1), without_ms, lw=1, label="without cache (recompute)")
+    ax.plot(range(1, len(with_ms) + 1), with_ms, lw=1, label="with cache")
+    ax.set_xlabel("request batch")
+    ax.set_ylabel("latency (ms)")
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    if with_ms and without_ms:
+        ax2.boxplot([without_ms, with_ms], showfliers=True)
+        ax2.set_xticks([1, 2], ["without", "with cache"])
+        p50w, p50c = percentile(without_ms, 50), percentile(with_ms, 50)
+        ax2.set_title(f"p50 {p50w:.2f} -> {p50c:.2f} ms ({p50w / max(p50c, 1e-12):.2f}x)")
+    ax2.set_ylim(bottom=0)
+    ax2.grid(alpha=0.3, axis="y")
+    fig.suptitle(title or "hstu-kvcache demo: latency with and without the KV cache")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def percentile(xs: Sequence[float], q: float) -> float:
@@ -174,6 +213,11 @@ def run(argv: Optional[List[str]] = None) -> int:
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
+    if args.plot and plot_latency(
+            lat_cache, lat_full, args.plot,
+            f"hstu-kvcache demo: {args.layers} layers, batch {args.batch}, history "
+            f"{args.history}+, {args.dtype} on {device}; hit rate {stats['hit_rate']:.1%}"):
+        print(f"  wrote {args.plot}")
     cache.check()
     cache.close()
     return 0 if ok else 1

@@ -137,7 +137,20 @@ METRICS: Dict[str, MetricSpec] = {
         "Onboard and offload transfers queued.", "transfers"),
     "transfers_failed": MetricSpec(
         "hstu_kvcache_transfers_failed_total", _C,
-        "Offloads that could not be queued (the pages stayed on the GPU).", "transfers"),
+        "Transfers that could not be queued (a failed offload leaves the pages on the GPU, "
+        "a failed onboard reads as a miss).", "transfers"),
+    "onboard_seconds": MetricSpec(
+        "hstu_kvcache_onboard_seconds_total", _C,
+        "Time of host-to-GPU page copies (CPU path: the copy; CUDA: queued to seen complete, "
+        "an upper bound).", "seconds"),
+    "offload_seconds": MetricSpec(
+        "hstu_kvcache_offload_seconds_total", _C,
+        "Time of GPU-to-host page copies (CPU path: the copy; CUDA: queued to seen complete, "
+        "an upper bound).", "seconds"),
+    "events_dropped": MetricSpec(
+        "hstu_kvcache_events_dropped_total", _C,
+        "Cache event records overwritten before drain_events() took them (ring full).",
+        "events"),
     "offloads_deferred": MetricSpec(
         "hstu_kvcache_offloads_deferred_total", _C,
         "Eager offloads left to eviction time because max_offload_bytes were in flight.",
@@ -192,6 +205,9 @@ METRICS: Dict[str, MetricSpec] = {
         "hstu_kvcache_offload_queued_bytes", _G,
         "Offload bytes queued and not yet known complete (bounded by max_offload_bytes).",
         "bytes"),
+    "events_pending": MetricSpec(
+        "hstu_kvcache_events_pending", _G,
+        "Cache event records waiting for drain_events().", "events"),
     "hit_rate": MetricSpec(
         "hstu_kvcache_hit_ratio", _G,
         "Hit tokens over looked-up history tokens since the cache was created "
@@ -208,10 +224,12 @@ METRICS: Dict[str, MetricSpec] = {
         "Time from prepare to its metadata being ready.", "seconds"),
     "onboard_latency": MetricSpec(
         "hstu_kvcache_onboard_latency_seconds", _H,
-        "Time of onboarding pages from a lower tier to the device.", "seconds"),
+        "Time of one onboard transfer from a lower tier to the device (CUDA: queued to "
+        "seen complete).", "seconds"),
     "offload_latency": MetricSpec(
         "hstu_kvcache_offload_latency_seconds", _H,
-        "Time of offloading pages from the device to a lower tier.", "seconds"),
+        "Time of one offload transfer from the device to a lower tier (CUDA: queued to "
+        "seen complete).", "seconds"),
 }
 
 UP_METRIC = MetricSpec(

@@ -29,7 +29,11 @@ CORE_KEYS = [
     "batches_committed", "batches_aborted", "pages_allocated", "pages_evicted",
     "pages_dropped", "users_evicted", "tokens_appended", "pages_total", "pages_free",
     "pages_used", "pages_pinned", "users_cached", "open_batches", "lookup_latency",
-    "allocate_latency",
+    "allocate_latency", "onboard_pages", "onboard_bytes", "offload_pages", "offload_bytes",
+    "onboard_seconds", "offload_seconds", "onboard_latency", "offload_latency",
+    "writeback_pages", "host_pages_evicted", "transfers", "transfers_failed",
+    "transfers_in_flight", "offload_queued_bytes", "host_pages_total", "host_pages_free",
+    "host_pages_used", "events_dropped", "events_pending",
 ]
 
 
@@ -104,6 +108,14 @@ def test_table_names_follow_conventions():
     assert metrics.METRICS["hit_rate"].name == "hstu_kvcache_hit_ratio"
 
 
+def test_core_reports_every_documented_key(cache):
+    """Every key the core reports has a documented metric, and every
+    documented key but the prepare latency (named ahead) is reported."""
+    stats = cache.stats()
+    assert set(stats) <= set(metrics.METRICS), set(stats) - set(metrics.METRICS)
+    assert set(metrics.METRICS) - set(stats) == {"prepare_latency"}
+
+
 # ---------------------------------------------------------------------------
 # render
 
@@ -136,6 +148,43 @@ def test_render_matches_stats(cache):
     assert value(fams["hstu_kvcache_pages_capacity"]) == 32
     assert value(fams["hstu_kvcache_hit_ratio"]) == pytest.approx(
         stats["hit_tokens"] / (stats["hit_tokens"] + stats["missed_tokens"]))
+
+
+def test_host_tier_and_event_metrics():
+    """A cache with a host tier and events: onboard/offload counters, their
+    time and histograms, queued bytes and the event gauges parse with the
+    official parser and equal stats()."""
+    cfg = hk.KVCacheConfig(num_layers=2, num_heads=H, head_dim=D, num_pages=6, page_size=4,
+                           host_capacity_bytes=16 * 2 * 2 * 4 * H * D * 4, event_capacity=4)
+    c = hk.KVCache(cfg)
+    try:
+        drive(c, [1, 2], [9, 12])               # 3 + 3 pages: the pool is full
+        drive(c, [3], [8])                      # write-back of user 1, eviction
+        drive(c, [1], [10])                     # user 1 onboarded from the host
+        stats = c.stats()
+        assert stats["offload_pages"] > 0 and stats["onboard_pages"] > 0
+        assert stats["events_dropped"] > 0 and stats["events_pending"] == 4
+        fams = families(metrics.render(c, extra_labels={"model": "m"}))
+        for key in ("onboard_pages", "offload_bytes", "writeback_pages", "transfers",
+                    "onboard_seconds", "offload_seconds", "offload_queued_bytes",
+                    "events_dropped", "events_pending", "host_pages_used",
+                    "host_pages_free", "transfers_failed", "transfers_in_flight"):
+            spec = metrics.METRICS[key]
+            assert fams[spec.name].type == spec.type
+            assert value(fams[spec.name], spec.name, cache="default", model="m") == \
+                pytest.approx(stats[key])
+        assert value(fams["hstu_kvcache_onboard_seconds_total"],
+                     "hstu_kvcache_onboard_seconds_total") > 0
+        assert value(fams["hstu_kvcache_offload_queued_bytes"]) == 0   # CPU: synchronous
+        for key in ("onboard_latency", "offload_latency"):
+            name = metrics.METRICS[key].name
+            assert value(fams[name], name + "_count") == stats[key]["count"] > 0
+        c.drain_events()
+        fams = families(metrics.render(c))
+        assert value(fams["hstu_kvcache_events_pending"]) == 0
+        assert value(fams["hstu_kvcache_events_dropped_total"]) == stats["events_dropped"]
+    finally:
+        c.close()
 
 
 def test_render_format_details(cache):
@@ -172,8 +221,11 @@ def test_histograms_monotonic_and_inf_equals_count(cache):
         assert counts == sorted(counts), "cumulative buckets must not decrease"
         assert buckets[-1].labels["le"] == "+Inf" and math.isinf(les[-1])
         count = value(fam, fam.name + "_count")
-        assert counts[-1] == count > 0
-        assert value(fam, fam.name + "_sum") > 0
+        assert counts[-1] == count
+        # transfer histograms stay empty without a host tier
+        assert count > 0 or fam.name in (metrics.METRICS["onboard_latency"].name,
+                                         metrics.METRICS["offload_latency"].name)
+        assert (value(fam, fam.name + "_sum") > 0) == (count > 0)
     assert value(fams["hstu_kvcache_lookup_latency_seconds"],
                  "hstu_kvcache_lookup_latency_seconds_count") == 3
     assert value(fams["hstu_kvcache_allocate_latency_seconds"],
@@ -427,7 +479,25 @@ def test_dashboard_uses_rendered_metrics(cache):
         assert word in titles, word
     assert {"hstu_kvcache_lookup_latency_seconds_bucket",
             "hstu_kvcache_allocate_latency_seconds_bucket"} <= used
-    assert sum("histogram_quantile(0.99" in e for e in exprs) == 2
-    assert sum("histogram_quantile(0.5" in e for e in exprs) == 2
+    # lookup, allocate, onboard, offload: p50 and p99 each
+    assert sum("histogram_quantile(0.99" in e for e in exprs) == 4
+    assert sum("histogram_quantile(0.5" in e for e in exprs) == 4
+    # the host tier and the events
+    for word in ("host pages", "onboard / offload bytes", "transfers", "queued offload bytes",
+                 "events dropped"):
+        assert word in titles, word
+    assert {"hstu_kvcache_host_pages_used", "hstu_kvcache_host_pages_free",
+            "hstu_kvcache_onboard_bytes_total", "hstu_kvcache_offload_bytes_total",
+            "hstu_kvcache_transfers_in_flight", "hstu_kvcache_transfers_failed_total",
+            "hstu_kvcache_offload_queued_bytes", "hstu_kvcache_events_dropped_total"} <= used
+    # panels do not overlap on the 24-column grid
+    cells = set()
+    for p in dash["panels"]:
+        g = p["gridPos"]
+        assert 0 <= g["x"] and g["x"] + g["w"] <= 24, p["title"]
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in cells, p["title"]
+                cells.add((x, y))
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
