@@ -67,6 +67,20 @@ struct hkv_batch {
     void **layer_events;     /* CUDA: [num_layers], onboard per layer      */
     uint64_t dep_seq;        /* a prefetch this batch's pages come from    */
     int32_t dep_set;
+    /* early reuse: per user, the tokens this batch fills and the earlier
+     * batch in flight whose tokens it reads (with that block's gen) */
+    int64_t *fill_from;      /* [max_batch_size]                           */
+    int64_t *fill_to;
+    hkv_batch **dep;
+    uint32_t *dep_gen;
+    uint8_t *dep_pin;        /* 1: dep was in flight, counted in its
+                                dependents                                */
+    uint32_t gen;            /* bumped each time the block is handed out   */
+    int32_t aborted;         /* closed before every layer was appended     */
+    int32_t dependents;      /* open batches reading this one's tokens: the
+                                block is not handed out again before they
+                                close, so they can see how it ended      */
+    void **append_events;    /* CUDA: [num_layers], after each layer's append */
     int32_t state;
     int32_t in_use;          /* handed out and not yet freed               */
     int32_t event_pending;   /* event recorded at free, not yet seen done   */
@@ -86,6 +100,7 @@ struct hkv_cache {
     hkv_worker *worker;              /* prepare thread, started on demand   */
     int32_t *xfer_a;                 /* page id scratch of one transfer    */
     int32_t *xfer_b;
+    int skip_waits;                  /* fault injection (transfer.h)      */
     int32_t reuse_wait;              /* a page still read by a copy was
                                         reallocated in this call          */
     hkv_stats stats;
@@ -421,6 +436,15 @@ static void block_destroy(hkv_batch *b)
         if (b->layer_events[l] != NULL)
             (void)hkv_cuda_event_destroy(b->device_index, b->layer_events[l]);
     free(b->layer_events);
+    for (int32_t l = 0; b->append_events != NULL && l < b->num_layers; l++)
+        if (b->append_events[l] != NULL)
+            (void)hkv_cuda_event_destroy(b->device_index, b->append_events[l]);
+    free(b->append_events);
+    free(b->fill_from);
+    free(b->fill_to);
+    free(b->dep);
+    free(b->dep_gen);
+    free(b->dep_pin);
     if (b->event != NULL) {
         if (b->event_pending)
             (void)hkv_cuda_event_sync(b->device_index, b->event);
@@ -446,7 +470,15 @@ static hkv_status block_create(hkv_cache *c, hkv_batch **out)
     b->user_slots = malloc((size_t)cfg->max_batch_size * sizeof *b->user_slots + 1);
     b->fills = malloc((size_t)cfg->max_batch_size + 1);
     b->layer_done = malloc((size_t)cfg->num_layers);
-    if (b->user_slots == NULL || b->fills == NULL || b->layer_done == NULL) {
+    size_t nb = (size_t)cfg->max_batch_size + 1;
+    b->fill_from = malloc(nb * sizeof *b->fill_from);
+    b->fill_to = malloc(nb * sizeof *b->fill_to);
+    b->dep = malloc(nb * sizeof *b->dep);
+    b->dep_gen = malloc(nb * sizeof *b->dep_gen);
+    b->dep_pin = malloc(nb);
+    if (b->user_slots == NULL || b->fills == NULL || b->layer_done == NULL ||
+        b->fill_from == NULL || b->fill_to == NULL || b->dep == NULL || b->dep_gen == NULL ||
+        b->dep_pin == NULL) {
         block_destroy(b);
         return hkv_error(HKV_ENOMEM, "out of host memory");
     }
@@ -457,6 +489,13 @@ static hkv_status block_create(hkv_cache *c, hkv_batch **out)
         st = hkv_buffer_new(HKV_MEM_DEVICE, cfg->device_index, bytes, &b->device);
     if (st == HKV_OK && is_cuda(c))
         st = hkv_cuda_event_create(cfg->device_index, &b->event);
+    if (st == HKV_OK && is_cuda(c)) {
+        b->append_events = calloc((size_t)cfg->num_layers, sizeof *b->append_events);
+        if (b->append_events == NULL)
+            st = hkv_error(HKV_ENOMEM, "out of host memory");
+        for (int32_t l = 0; st == HKV_OK && l < cfg->num_layers; l++)
+            st = hkv_cuda_event_create(cfg->device_index, &b->append_events[l]);
+    }
     if (st == HKV_OK && is_cuda(c) && has_host(c)) {
         b->layer_events = calloc((size_t)cfg->num_layers, sizeof *b->layer_events);
         if (b->layer_events == NULL)
@@ -486,7 +525,7 @@ static hkv_status block_acquire(hkv_cache *c, hkv_batch **out)
     hkv_batch *pending = NULL;
     for (int32_t i = 0; i < c->num_blocks; i++) {
         hkv_batch *b = c->blocks[i];
-        if (b->in_use)
+        if (b->in_use || b->dependents > 0)
             continue;
         /* Exported metadata tensors still view this block: keep it. */
         if (atomic_load(&b->host->refs) > 1 ||
@@ -574,6 +613,8 @@ static hkv_status check_config(const hkv_config *cfg)
                          HKV_EVENTS_MAX_CAPACITY, (int)cfg->event_capacity);
     if (cfg->offload_mode != HKV_OFFLOAD_LAZY && cfg->offload_mode != HKV_OFFLOAD_EAGER)
         return hkv_error(HKV_EINVAL, "offload_mode must be lazy (0) or eager (1)");
+    if (cfg->early_reuse != 0 && cfg->early_reuse != 1)
+        return hkv_error(HKV_EINVAL, "early_reuse must be 0 or 1");
     if (cfg->max_offload_bytes < 0)
         return hkv_error(HKV_EINVAL, "max_offload_bytes must not be negative");
     if ((int64_t)cfg->num_pages + cfg->host_pages + cfg->max_batch_size > (1LL << 29))
@@ -718,6 +759,8 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
         if (st == HKV_OK)
             st = hkv_xfer_init(&c->xfer, is_cuda(c), cfg.device_index, 4 * most + 64);
     }
+    const char *skip = getenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS");
+    c->skip_waits = skip != NULL && atoi(skip) != 0;
     if (st == HKV_OK)
         st = hkv_events_init(&c->events, cfg.event_capacity);
     if (st != HKV_OK)
@@ -798,12 +841,21 @@ const int64_t *hkv_cache_meta_offsets(const hkv_cache *c)
 /* ------------------------------------------------------------------ */
 /* lookup                                                              */
 
-/* Cached prefix of one user: committed tokens, limited by the request's
+/* Tokens of a user a new batch may count as cached: the committed ones,
+ * and (early reuse) those a batch in flight is filling, unless that chain
+ * already lost a batch. */
+static int64_t reusable_length(const hkv_cache *c, const hkv_user *u)
+{
+    return c->cfg.early_reuse && u->filling && !u->broken ? u->reserved : u->length;
+}
+
+/* Cached prefix of one user: reusable tokens, limited by the request's
  * history and, in verified mode, by the keys. */
 static int64_t cached_prefix(hkv_cache *c, const hkv_user *u, int64_t length,
                              const int64_t *keys)
 {
-    int64_t n = u->length < length ? u->length : length;
+    int64_t reusable = reusable_length(c, u);
+    int64_t n = reusable < length ? reusable : length;
     if (c->cfg.verify_tokens && n > 0) {
         /* each tier holds a prefix: the longer matching one counts */
         const int64_t ps = c->cfg.page_size;
@@ -933,6 +985,51 @@ static hkv_status publish_metadata(hkv_cache *c, hkv_batch *bt, void *stream)
     return hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
 }
 
+/* Drop a user's reserved tokens beyond the committed ones (no batch fills
+ * it any more).  With early reuse lookups may have counted them: a new
+ * epoch makes those lookups stale. */
+static void rollback_user(hkv_cache *c, hkv_user *u)
+{
+    int64_t before = u->num_pages;
+    drop_tail_pages(c, u, pages_for(c, u->length));
+    c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+    if (c->cfg.early_reuse && u->reserved > u->length)
+        hkv_user_new_epoch(&c->users, u);
+    u->reserved = u->length;
+    u->broken = 0;
+}
+
+/* Batch bt stops filling user u (entry b) without its tokens becoming
+ * cached: it was released unfinished, or its allocation failed. */
+static void unfill(hkv_cache *c, hkv_batch *bt, int32_t b, hkv_user *u)
+{
+    int later = u->reserved > bt->fill_to[b];
+    u->filling--;
+    bt->fills[b] = 0;
+    if (u->fill_batch == bt) {
+        /* the batch before this one (if any, and not released unfinished
+         * itself) is the last writer again */
+        hkv_batch *d = bt->dep[b];
+        u->fill_batch = d != NULL && !d->aborted ? d : NULL;
+        u->fill_gen = bt->dep_gen[b];
+    }
+    if (later) {
+        /* A later batch continues this one: its tokens cannot be kept, and
+         * its reads of this batch's tokens fail (wait_onboard). */
+        u->broken = 1;
+    }
+    if (u->filling == 0) {
+        rollback_user(c, u);
+    } else if (!later) {
+        /* an earlier batch still fills: keep its tokens, drop this one's */
+        int64_t before = u->num_pages;
+        drop_tail_pages(c, u, pages_for(c, bt->fill_from[b]));
+        c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+        hkv_user_new_epoch(&c->users, u);
+        u->reserved = bt->fill_from[b];
+    }
+}
+
 /*
  * Every layer was written: the batch's tokens count as cached.  In eager
  * mode their full pages are copied to the host tier right away (after the
@@ -948,12 +1045,20 @@ static void commit_batch(hkv_cache *c, hkv_batch *bt, void *stream)
         if (!bt->fills[b])
             continue;
         hkv_user *u = &c->users.users[bt->user_slots[b]];
+        u->filling--;
+        bt->fills[b] = 0;
+        if (u->broken) {
+            /* an earlier batch of this chain was released unfinished */
+            if (u->filling == 0)
+                rollback_user(c, u);
+            continue;
+        }
+        /* An earlier batch this one continues has committed already: every
+         * read of its tokens (append included) waited for its layers. */
         hkv_events_emit(&c->events, HKV_EVENT_STORED, HKV_TIER_GPU, HKV_TIER_GPU,
                         u->id, u->length / c->cfg.page_size,
-                        pages_for(c, u->reserved) - u->length / c->cfg.page_size);
-        u->length = u->reserved;
-        u->filling = 0;
-        bt->fills[b] = 0;
+                        pages_for(c, bt->fill_to[b]) - u->length / c->cfg.page_size);
+        u->length = bt->fill_to[b];
         if (eager) {
             hkv_status st;
             offload_user(c, bt->user_slots[b], 0, &st);
@@ -1040,28 +1145,43 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
                            "again", (long long)user_ids[b]);
             goto out;
         }
-        if (cl > (u ? u->length : 0)) {
+        if (cl > (u ? reusable_length(c, u) : 0)) {
             st = hkv_error(HKV_EINVAL, "cached length %lld of user %lld is more "
                            "than the %lld tokens the cache holds",
                            (long long)cl, (long long)user_ids[b],
-                           (long long)(u ? u->length : 0));
+                           (long long)(u ? reusable_length(c, u) : 0));
             goto out;
         }
         int64_t n = len - cl;
         int truncate = u != NULL && n > 0 && u->reserved > cl;
-        if (u != NULL && u->pins > 0) {
-            if (u->filling) {
-                st = hkv_error(HKV_EBUSY, "user %lld is in another batch whose K/V "
-                               "are still being appended; finish that batch first",
-                               (long long)user_ids[b]);
+        if (u != NULL && u->filling && !c->cfg.early_reuse) {
+            st = hkv_error(HKV_EBUSY, "user %lld is in another batch whose K/V are "
+                           "still being appended; finish that batch first (or "
+                           "enable early_reuse)", (long long)user_ids[b]);
+            goto out;
+        }
+        if (u != NULL && u->filling) {
+            /* Early reuse: a batch in flight fills this user.  A new batch
+             * may read its tokens, or continue exactly where it ends. */
+            if (u->broken || (n > 0 && u->filling >= 2)) {
+                st = hkv_error(HKV_EBUSY, "user %lld is in %s; finish or release "
+                               "those batches first", (long long)user_ids[b],
+                               u->broken ? "a batch that continues a released one"
+                                         : "two batches still being appended");
                 goto out;
             }
             if (truncate) {
-                st = hkv_error(HKV_EBUSY, "user %lld: this batch would rewrite "
-                               "tokens that another open batch reads; release "
-                               "that batch first", (long long)user_ids[b]);
+                st = hkv_error(HKV_EBUSY, "user %lld: this batch would rewrite tokens "
+                               "that another batch is still appending (its history "
+                               "differs from that batch's); finish that batch first",
+                               (long long)user_ids[b]);
                 goto out;
             }
+        } else if (u != NULL && u->pins > 0 && truncate) {
+            st = hkv_error(HKV_EBUSY, "user %lld: this batch would rewrite tokens that "
+                           "another open batch (or a prefetch in flight) reads; release "
+                           "that batch first", (long long)user_ids[b]);
+            goto out;
         }
         /* GPU pages: keep a prefix, onboard what only the host holds of the
          * cached part, add pages for the new tokens. */
@@ -1119,6 +1239,10 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
     }
     hkv_batch *bt = NULL;
     st = block_acquire(c, &bt);
+    if (st == HKV_OK) {
+        bt->gen++;
+        bt->aborted = 0;
+    }
     if (st == HKV_OK && has_host(c))  /* order copies after the caller */
         st = ready != NULL ? hkv_xfer_begin_after(&c->xfer, ready)
                            : hkv_xfer_begin(&c->xfer, stream);
@@ -1168,6 +1292,7 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         int32_t slot = bt->user_slots[b];
         int64_t n = history_lengths[b] - cached_lengths[b];
         bt->fills[b] = 0;
+        bt->dep[b] = NULL;
         if (slot == HKV_NO_USER) {
             key_off += history_lengths[b];
             continue;
@@ -1196,9 +1321,26 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         }
         hkv_events_emit(&c->events, HKV_EVENT_ONBOARDED, HKV_TIER_GPU, HKV_TIER_HOST,
                         u->id, c->scratch_keep[b], c->scratch_onb[b] - c->scratch_keep[b]);
+        /* The batch that last filled this user may still be writing (a
+         * batch in flight, or one committed on another stream): reads of
+         * its tokens wait for its appends, per layer.  A batch still
+         * appending matters only if this one reads past its committed
+         * tokens. */
+        hkv_batch *prev = u->fill_batch;
+        if (prev != NULL && prev != bt && prev->gen == u->fill_gen &&
+            (prev->state != BATCH_OPEN || history_lengths[b] > u->length)) {
+            bt->dep[b] = prev;
+            bt->dep_gen[b] = u->fill_gen;
+            bt->dep_pin[b] = prev->state == BATCH_OPEN;
+            prev->dependents += bt->dep_pin[b];
+        }
         if (n > 0) {
+            bt->fill_from[b] = cached_lengths[b];
+            bt->fill_to[b] = history_lengths[b];
             u->reserved = history_lengths[b];
-            u->filling = 1;
+            u->filling++;
+            u->fill_batch = bt;
+            u->fill_gen = bt->gen;
             bt->fills[b] = 1;
             if (c->cfg.verify_tokens)
                 hkv_filter_store(&c->filter, &c->pool, u, token_keys + key_off,
@@ -1222,10 +1364,8 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
                     continue;
                 hkv_user *u = &c->users.users[slot];
                 drop_tail_pages(c, u, c->scratch_keep[b]);
-                if (bt->fills[b]) {
-                    u->filling = 0;
-                    bt->fills[b] = 0;
-                }
+                if (bt->fills[b])
+                    unfill(c, bt, b, u);
                 fix_length(c, u);
             }
             return fail_new_batch(c, bt, st);
@@ -1240,7 +1380,7 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         while ((int64_t)u->host_pages * c->cfg.page_size > cached_lengths[b])
             drop_host_tail(c, u);
     }
-    if (c->reuse_wait && is_cuda(c) && !c->xfer.skip_waits) {
+    if (c->reuse_wait && is_cuda(c) && !c->skip_waits) {
         /* The caller's writes into reused pages wait for the copies that
          * still read them (the onboard stream waits for them by itself). */
         st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
@@ -1419,7 +1559,34 @@ static hkv_status batch_enter(hkv_batch *bt)
 static hkv_status wait_onboard(hkv_cache *c, hkv_batch *bt, int32_t first, int32_t count,
                                void *stream)
 {
-    if (c->xfer.skip_waits)
+    /* Early reuse: tokens of an earlier batch this one reads must have been
+     * appended (queued) for the layer, by a batch that was not released
+     * unfinished; then the stream waits for that append.  (A block handed
+     * out again means its batch's work completed long ago.) */
+    const hkv_batch *last = NULL;
+    for (int32_t b = 0; b < bt->batch_size; b++) {
+        const hkv_batch *d = bt->dep[b];
+        if (d == NULL || d == last || d->gen != bt->dep_gen[b])
+            continue;
+        last = d;
+        if (d->aborted)
+            return hkv_error(HKV_ESTALE, "this batch continues a batch that was released "
+                             "before all its layers were appended: the K/V it reads "
+                             "were never written; prepare the batch again");
+        for (int32_t l = first; l < first + count; l++) {
+            if (d->state == BATCH_OPEN && !d->layer_done[l])
+                return hkv_error(HKV_EBUSY, "layer %d: this batch reads tokens of an "
+                                 "earlier batch that has not appended that layer yet; "
+                                 "run the earlier batch's layer first", (int)l);
+            if (is_cuda(c) && !c->skip_waits) {
+                hkv_status st = hkv_cuda_stream_wait_event(c->cfg.device_index, stream,
+                                                           d->append_events[l]);
+                if (st != HKV_OK)
+                    return st;
+            }
+        }
+    }
+    if (c->skip_waits)
         return HKV_OK;  /* fault injection: the ordering tests must fail */
     /* a prefetch still copying some of the batch's pages (a set reused
      * since holds a later seq: that copy had completed) */
@@ -1511,6 +1678,9 @@ hkv_status hkv_batch_append(hkv_batch *bt, int32_t first_layer, int32_t num_laye
         a.nnz = bt->new_tokens;
         if (is_cuda(c)) {
             st = hkv_cuda_append(&a, c->cfg.device_index, stream);
+            /* later batches reading these tokens wait for this (early reuse) */
+            for (int32_t l = first_layer; st == HKV_OK && l < first_layer + num_layers; l++)
+                st = hkv_cuda_event_record(c->cfg.device_index, bt->append_events[l], stream);
             if (st != HKV_OK)
                 goto out;
             bt->stream = stream;
@@ -1585,10 +1755,11 @@ hkv_status hkv_batch_read(hkv_batch *bt, int32_t layer, const hkv_tensor *k,
     a.token_offsets = tm.new_offsets;
     a.row_offsets = tm.new_offsets;
     a.nnz = n;
+    st = wait_onboard(c, bt, layer, 1, stream);
+    if (st != HKV_OK)
+        goto out;
     if (is_cuda(c)) {
-        st = wait_onboard(c, bt, layer, 1, stream);
-        if (st == HKV_OK)
-            st = hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
+        st = hkv_cuda_token_meta(&tm, c->cfg.device_index, stream);
         if (st == HKV_OK)
             st = hkv_cuda_read(&a, c->cfg.device_index, stream);
         if (st == HKV_OK)
@@ -1673,17 +1844,15 @@ static void close_locked(hkv_cache *c, hkv_batch *bt)
         if (slot == HKV_NO_USER)
             continue;
         hkv_user *u = &c->users.users[slot];
-        if (bt->fills[b]) {
-            /* roll back: the reserved tokens were never completely written */
-            int64_t before = u->num_pages;
-            drop_tail_pages(c, u, pages_for(c, u->length));
-            c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
-            u->reserved = u->length;
-            u->filling = 0;
-            bt->fills[b] = 0;
+        if (bt->fills[b])  /* roll back: the tokens were never completely written */
+            unfill(c, bt, b, u);
+        if (bt->dep[b] != NULL) {
+            bt->dep[b]->dependents -= bt->dep_pin[b];
+            bt->dep[b] = NULL;
         }
         unpin_user(c, slot);
     }
+    bt->aborted = aborted;
     if (aborted)
         c->stats.batches_aborted++;
     bt->state = BATCH_CLOSED;

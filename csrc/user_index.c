@@ -124,6 +124,9 @@ int32_t hkv_user_find_or_add(hkv_user_index *ix, int64_t id)
     u->host_pages = 0;
     u->pins = 0;
     u->filling = 0;
+    u->broken = 0;
+    u->fill_batch = NULL;
+    u->fill_gen = 0;
     u->prefetch = 0;
     u->in_use = 1;
     hkv_user_new_epoch(ix, u);

@@ -36,7 +36,13 @@ typedef struct hkv_user {
     int32_t host_tail;
     int32_t host_pages;
     int32_t pins;       /* open batches holding this user                  */
-    int32_t filling;    /* 1 while an uncommitted batch writes its tokens  */
+    int32_t filling;    /* uncommitted batches writing its tokens (0..2):
+                           a batch may continue one still in flight       */
+    int32_t broken;     /* a filling batch was released unfinished while a
+                           later one continues it: the later one's tokens
+                           are dropped when it ends                       */
+    void *fill_batch;   /* the last batch filling this user, and its      */
+    uint32_t fill_gen;  /* block generation                               */
     int32_t lru_prev;
     int32_t lru_next;
     int32_t in_use;     /* slot holds a user                               */

@@ -112,6 +112,15 @@ class KVCacheConfig:
             (default) disables events at no cost.  65536 (3 MiB) holds a few
             seconds of a busy cache between drains; when the ring is full the
             oldest records are dropped and counted (``events_dropped``).
+        early_reuse: pipelined inference prepares batch N+1 while batch N
+            still computes, and the same user can be in both.  With
+            early_reuse (default) the tokens batch N is appending count as
+            cached for batch N+1: it continues where N ends (or only reads
+            them), and its reads of them wait per layer for N's appends (a
+            read of a layer N has not appended yet, or of tokens of a batch
+            released unfinished, raises instead of reading garbage).  At
+            most two batches fill one user at once.  Off: such a user is
+            busy (CacheBusyError) until N is done.
     """
 
     num_layers: int
@@ -130,6 +139,7 @@ class KVCacheConfig:
     offload_mode: str = "lazy"
     max_offload_bytes: int = 0
     event_capacity: int = 0
+    early_reuse: bool = True
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -153,6 +163,8 @@ class KVCacheConfig:
         if self.max_batch_tokens is not None:
             set_(self, "max_batch_tokens",
                  _positive_int("max_batch_tokens", self.max_batch_tokens, 1, 2**30))
+        if not isinstance(self.early_reuse, bool):
+            raise InvalidArgumentError(f"early_reuse must be a bool, got {self.early_reuse!r}")
         if not isinstance(self.verify_tokens, bool):
             raise InvalidArgumentError(f"verify_tokens must be a bool, got {self.verify_tokens!r}")
         set_(self, "max_open_batches",

@@ -382,8 +382,9 @@ def test_stale_lookup_is_detected():
     check_truth(cache, truth)
 
 
-def test_user_in_an_unfinished_batch_is_busy():
-    cache = make()
+def test_user_in_an_unfinished_batch_is_busy_without_early_reuse():
+    """Strict mode; the default (early reuse) is in test_early_reuse.py."""
+    cache = make(early_reuse=False)
     truth = {}
     b1 = cache.prepare([1, 2], [5, 5])
     with pytest.raises(CacheBusyError, match="still being appended"):

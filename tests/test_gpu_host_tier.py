@@ -258,3 +258,38 @@ def test_prefetch_ordering_fails_without_the_waits(monkeypatch):
     with pytest.raises(AssertionError):
         test_prefetch_then_prepare_waits_for_the_copy("default", monkeypatch)
     torch.cuda.synchronize()
+
+
+def test_early_reuse_waits_for_the_earlier_batch_on_another_stream():
+    """Batch x appends on one stream behind a long kernel; batch y continues
+    it on another stream: y's appends and reads wait for x's layers."""
+    _, gpu, _, _ = pair()
+    s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+    kx = torch.randn(2, 24, 2, 32, device="cuda")
+    ky = torch.randn(2, 8, 2, 32, device="cuda")
+    torch.cuda.synchronize()
+    x = gpu.prepare([1], [24], stream=s1)
+    y = gpu.prepare([1], [32], stream=s2)
+    assert y.lookup.cached_lengths.tolist() == [24]
+    with torch.cuda.stream(s1):
+        torch.cuda._sleep(50_000_000)              # x's appends land late
+        gpu.append(range(2), kx, kx + 1, x, stream=s1)
+    with torch.cuda.stream(s2):
+        gpu.append(range(2), ky, ky + 1, y, stream=s2)
+        got = [gpu.gather(layer, y, stream=s2) for layer in range(2)]
+    torch.cuda.synchronize()
+    for layer in range(2):
+        k, v = got[layer]
+        assert torch.equal(k, torch.cat([kx[layer], ky[layer]]))
+        assert torch.equal(v, torch.cat([kx[layer], ky[layer]]) + 1)
+    x.release()
+    y.release()
+    assert gpu.cached_length(1) == 32
+    gpu.check()
+
+
+def test_early_reuse_ordering_fails_without_the_waits(monkeypatch):
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS", "1")
+    with pytest.raises(AssertionError):
+        test_early_reuse_waits_for_the_earlier_batch_on_another_stream()
+    torch.cuda.synchronize()

@@ -1753,6 +1753,74 @@ static void test_cache_threads(void)
     hkv_cache_destroy(c);
 }
 
+/* Early reuse: a batch continues one still appending, reads its layers
+ * once appended, and fails (nothing read) when the earlier one is released
+ * unfinished; the cache rolls back to the committed tokens. */
+static void test_cache_early_reuse_chain(void)
+{
+    hkv_config cfg = cfg_small(2, 4, 16, 4, 64);
+    cfg.early_reuse = 1;
+    hkv_cache *c;
+    hkv_batch *x, *y, *z;
+    req rx, ry, rz;
+    CREATE(&cfg, &c);
+    req_init(&rx);
+    req_add(&rx, 1, 6);
+    CHECK_OK(req_lookup(c, &rx));
+    CHECK_OK(req_allocate(c, &rx, &x));
+    req_init(&ry);
+    req_add(&ry, 1, 10);
+    CHECK_OK(req_lookup(c, &ry));
+    CHECK_EQ(ry.cached[0], 6);
+    CHECK_OK(req_allocate(c, &ry, &y));
+    CHECK_CACHE(c);
+    /* y's layer 0 before x's: refused, nothing written */
+    CHECK_ST(req_append(c, y, &ry, 0, 1, 0, 0), HKV_EBUSY);
+    CHECK_OK(req_append(c, x, &rx, 0, 1, 0, 0));
+    CHECK_OK(req_append(c, y, &ry, 0, 1, 0, 0));
+    CHECK(req_check_read(c, y, &ry, 0) == 0);
+    /* x finishes, then y */
+    CHECK_OK(req_append(c, x, &rx, 1, 1, 0, 0));
+    CHECK_OK(req_append(c, y, &ry, 1, 1, 0, 0));
+    CHECK(req_check_read(c, y, &ry, 1) == 0);
+    hkv_batch_free(x);
+    hkv_batch_free(y);
+    CHECK(check_user_default(c, 1, 10) == 0);
+    CHECK_CACHE(c);
+
+    /* a chain whose first batch is released unfinished */
+    req_init(&rx);
+    req_add(&rx, 1, 14);
+    CHECK_OK(req_lookup(c, &rx));
+    CHECK_OK(req_allocate(c, &rx, &x));
+    req_init(&ry);
+    req_add(&ry, 1, 18);
+    CHECK_OK(req_lookup(c, &ry));
+    CHECK_OK(req_allocate(c, &ry, &y));
+    req_init(&rz);
+    req_add(&rz, 1, 20);
+    CHECK_OK(req_lookup(c, &rz));
+    CHECK_EQ(rz.cached[0], 18);
+    CHECK_ST(req_allocate(c, &rz, &z), HKV_EBUSY);      /* two in flight */
+    CHECK_OK(req_append(c, x, &rx, 0, 1, 0, 0));
+    hkv_batch_free(x);                                  /* unfinished */
+    CHECK_CACHE(c);
+    CHECK_ST(req_append(c, y, &ry, 0, 1, 0, 0), HKV_ESTALE);
+    CHECK_ST(req_lookup(c, &rz), HKV_OK);
+    CHECK_EQ(rz.cached[0], 10);                         /* only committed */
+    CHECK_ST(req_allocate(c, &rz, &z), HKV_EBUSY);      /* chain broken */
+    hkv_batch_free(y);
+    CHECK_CACHE(c);
+    CHECK(check_user_default(c, 1, 10) == 0);
+    CHECK_OK(req_lookup(c, &rz));
+    CHECK_OK(req_allocate(c, &rz, &z));
+    CHECK_OK(req_append_all(c, z, &rz));
+    hkv_batch_free(z);
+    CHECK(check_user_default(c, 1, 20) == 0);
+    CHECK_CACHE(c);
+    hkv_cache_destroy(c);
+}
+
 void run_cache_tests(void)
 {
     RUN(test_cache_config_invalid);
@@ -1765,6 +1833,7 @@ void run_cache_tests(void)
     RUN(test_cache_batch_einval);
     RUN(test_cache_append_read_args);
     RUN(test_cache_busy);
+    RUN(test_cache_early_reuse_chain);
     RUN(test_cache_abort_rollback);
     RUN(test_cache_verified_rewrite);
     RUN(test_cache_verified_busy_rewrite);
