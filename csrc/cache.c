@@ -49,6 +49,7 @@ struct hkv_batch {
     hkv_cache *cache;
     hkv_buffer *host;        /* int32 metadata fields (pinned on CUDA)     */
     hkv_buffer *device;      /* device copy on CUDA, NULL on CPU           */
+    int32_t *host_dev;       /* CUDA: the device's address of host         */
     void *event;             /* CUDA: recorded when the batch is freed     */
     int device_index;        /* of the event and buffers                   */
     int32_t num_layers;
@@ -487,6 +488,8 @@ static hkv_status block_create(hkv_cache *c, hkv_batch **out)
                                    cfg->device_index, bytes, &b->host);
     if (st == HKV_OK && is_cuda(c))
         st = hkv_buffer_new(HKV_MEM_DEVICE, cfg->device_index, bytes, &b->device);
+    if (st == HKV_OK && is_cuda(c))
+        st = hkv_cuda_host_device_pointer(b->host->ptr, (void **)&b->host_dev);
     if (st == HKV_OK && is_cuda(c))
         st = hkv_cuda_event_create(cfg->device_index, &b->event);
     if (st == HKV_OK && is_cuda(c)) {
@@ -965,8 +968,8 @@ static hkv_status publish_metadata(hkv_cache *c, hkv_batch *bt, void *stream)
     int32_t *meta = is_cuda(c) ? bt->device->ptr : host;
     if (is_cuda(c)) {
         size_t words = (size_t)(c->meta_offsets[HKV_META_KV_INDICES] + bt->total_pages);
-        hkv_status st = hkv_cuda_memcpy_async(c->cfg.device_index, meta, host,
-                                              words * sizeof(int32_t), stream);
+        hkv_status st = hkv_cuda_upload_words(meta, bt->host_dev, (int64_t)words,
+                                              c->cfg.device_index, stream);
         if (st != HKV_OK)
             return st;
     }

@@ -224,6 +224,17 @@ hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device,
     return no_cuda("hkv_cuda_copy_pages");
 }
 
+hkv_status hkv_cuda_upload_words(int32_t *dst, const int32_t *src_mapped, int64_t n,
+                                 int device, void *stream)
+{
+    (void)dst;
+    (void)src_mapped;
+    (void)n;
+    (void)device;
+    (void)stream;
+    return no_cuda("hkv_cuda_upload_words");
+}
+
 hkv_status hkv_cuda_token_meta(const hkv_token_meta_args *a, int device,
                                void *stream)
 {

@@ -193,6 +193,10 @@ hkv_status hkv_cuda_gather_pages(const hkv_pages_args *a, int device, void *stre
 hkv_status hkv_cuda_scatter_pages(const hkv_pages_args *a, int device, void *stream);
 hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device, void *stream);
 hkv_status hkv_cuda_token_meta(const hkv_token_meta_args *a, int device, void *stream);
+/* n int32 words from pinned host memory (its device address) to the device,
+ * by a kernel on `stream` (no copy engine: see token_meta.cu). */
+hkv_status hkv_cuda_upload_words(int32_t *dst, const int32_t *src_mapped, int64_t n,
+                                 int device, void *stream);
 hkv_status hkv_cuda_strip(const hkv_strip_args *a, int device, void *stream);
 
 #ifdef __cplusplus

@@ -44,7 +44,37 @@ token_meta_kernel(const int32_t *new_offsets, const int32_t *cached_lengths,
     }
 }
 
+/* Words from pinned host memory (read through its device mapping) into
+ * device memory. */
+__global__ void __launch_bounds__(hkv::kBlockThreads)
+upload_words_kernel(int32_t *dst, const int32_t *src, int64_t n)
+{
+    const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+    for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride)
+        dst[i] = src[i];
+}
+
 }  // namespace
+
+/* The batch metadata upload.  A kernel rather than cudaMemcpyAsync: a copy
+ * on the compute stream would sit in the copy engine's queue, in order
+ * with the onboarding DMAs queued on the side streams; while it waits for
+ * the compute stream's earlier work (an embedding lookup) the DMAs behind
+ * it wait too, and onboarding no longer overlaps that work (measured on an
+ * H100: 38 ms instead of 20).  The kernel touches no copy engine. */
+extern "C" hkv_status hkv_cuda_upload_words(int32_t *dst, const int32_t *src_mapped,
+                                            int64_t n, int device, void *stream)
+{
+    HKV_TRY(hkv::launch_begin(device));
+    if (n <= 0)
+        return HKV_OK;
+    int64_t blocks = hkv::div_up(n, hkv::kBlockThreads);
+    if (blocks > 64)
+        blocks = 64;  /* a few KiB to a few hundred: latency-bound anyway */
+    upload_words_kernel<<<(unsigned)blocks, hkv::kBlockThreads, 0, (cudaStream_t)stream>>>(
+        dst, src_mapped, n);
+    return hkv::launch_check("hkv_cuda_upload_words");
+}
 
 extern "C" hkv_status hkv_cuda_token_meta(const hkv_token_meta_args *a,
                                           int device, void *stream)
