@@ -122,8 +122,8 @@ def throughput(tokens: int, repeat: int, fragmented: bool) -> dict:
         cache.sync_transfers()
         off_t.append(time.perf_counter() - t0)
         torch.cuda.synchronize()
-        t0 = time.perf_counter()
         h0 = cache.stats()["allocate_latency"]
+        t0 = time.perf_counter()
         if r % 2 == 0:
             b = cache.prepare(ids, [tokens] * BATCH)            # onboards everything
             t_call = (time.perf_counter() - t0) * 1e6

@@ -13,6 +13,8 @@
  * moves about 45 GB/s and one of 4 MiB+ over 52 GB/s, while the kernel
  * moves scattered pages at about 50 GB/s (docs/host-tier-design.md). */
 #define DEFAULT_DMA_MIN_BYTES (1 << 20)
+/* Runs shorter than this on average are spread over two streams. */
+#define SPLIT_RUN_BYTES (4 << 20)
 
 hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
 {
@@ -442,10 +444,15 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
                               &old_head, &nruns);
     if (st != HKV_OK)
         return st;
-    /* A mixed transfer runs the kernel's pages on a second stream, beside
-     * the DMAs: the kernel's PCIe reads fill the gaps between short DMAs
-     * (a fragmented host pool), and each layer's event waits for both. */
-    const int mixed = nruns > 0 && a.n > 0;
+    /* Work is split over two streams when a layer has several short pieces:
+     * the kernel's pages and every other DMA run go on the second.  A
+     * fragmented host pool gives many runs of 1-2 MiB; two copies in flight
+     * (and the kernel's PCIe reads) fill the gaps each DMA leaves between
+     * pieces.  Long runs stay on one stream, where they already reach the
+     * link's rate.  Each layer's event waits for both streams. */
+    const int64_t run_bytes = (n - a.n) * a.page_bytes;
+    const int mixed = (nruns > 0 && a.n > 0) ||
+                      (nruns >= 2 && run_bytes < nruns * SPLIT_RUN_BYTES);
     void *ks = mixed ? x->onboard_kernel_stream : x->onboard_stream;
     st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream, x->ready);
     if (st == HKV_OK && after_offloads && !x->skip_waits)
@@ -467,16 +474,16 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
             st = hkv_cuda_spin(x->device, ks, x->delay_us);
         if (st == HKV_OK && a.n > 0)
             st = hkv_cuda_copy_pages(&a, x->device, ks);
-        if (st == HKV_OK && mixed)
-            st = hkv_cuda_event_record(x->device, x->kernel_layer_done, ks);
         for (int64_t r = 0; st == HKV_OK && r < nruns; r++) {
             const hkv_xfer_run *run = &x->runs[r];
             st = hkv_cuda_memcpy_async(
                 x->device, (char *)gpu->base + l * gpu_layer + run->dst * a.page_bytes,
                 host_base + l * host_layer + run->src * a.page_bytes,
-                (size_t)run->n * (size_t)a.page_bytes, x->onboard_stream);
+                (size_t)run->n * (size_t)a.page_bytes, r % 2 ? ks : x->onboard_stream);
         }
         /* (the wait captures the record just made, layer l's) */
+        if (st == HKV_OK && mixed)
+            st = hkv_cuda_event_record(x->device, x->kernel_layer_done, ks);
         if (st == HKV_OK && mixed)
             st = hkv_cuda_stream_wait_event(x->device, x->onboard_stream,
                                             x->kernel_layer_done);

@@ -67,13 +67,14 @@ typedef struct hkv_xfer {
     int cuda;
     int device;
     void *onboard_stream;
-    void *onboard_kernel_stream; /* the kernel's share of a mixed onboard */
+    void *onboard_kernel_stream; /* second onboard stream: the kernel's pages
+                                    and every other DMA run              */
     void *offload_stream;
     void *caller_ready;      /* the caller's stream, at hkv_xfer_begin     */
     void *ready;             /* what transfers wait for: caller_ready or
                                 the event given to hkv_xfer_begin_after   */
     void *offload_done;      /* after the last offload                     */
-    void *kernel_layer_done; /* the kernel's share of the current layer    */
+    void *kernel_layer_done; /* the second stream's share of a layer      */
     int32_t *ring;
     int32_t *ring_dev;       /* the ring's device address (CUDA)           */
     int64_t ring_cap;
