@@ -225,6 +225,7 @@ class PendingBatch:
     def __init__(self, cache: "KVCache", native: Any, lookup: LookupResult):
         self._cache = cache
         self._native = native
+        self._batch: Optional[Batch] = None
         self.lookup = lookup
 
     def ready(self) -> bool:
@@ -235,9 +236,22 @@ class PendingBatch:
         """Block until the allocation has finished (at most ``timeout``
         seconds) and return the batch.  Raises the allocation's error
         (``CacheFullError``, ``StaleLookupError``...) or ``CacheBusyError``
-        when the timeout passed first (the prepare stays pending)."""
-        native = self._native.wait(-1.0 if timeout is None else max(0.0, float(timeout)))
-        return Batch(self._cache, native, self.lookup)
+        when the timeout passed first (the prepare stays pending).  Later
+        calls return the same batch."""
+        if self._batch is None:
+            native = self._native.wait(-1.0 if timeout is None else max(0.0, float(timeout)))
+            self._batch = Batch(self._cache, native, self.lookup)
+        return self._batch
+
+    def wait_layer(self, layer: int, stream: Any = None,
+                   timeout: Optional[float] = None) -> Batch:
+        """Make ``stream`` wait, without blocking the host on the copies,
+        until ``layer`` of the batch's onboarded pages has arrived (see
+        :meth:`Batch.wait_layer`); the host waits only until the worker has
+        launched the allocation.  Returns the batch."""
+        batch = self.wait(timeout)
+        batch.wait_layer(layer, stream)
+        return batch
 
 
 class KVCache:

@@ -72,8 +72,10 @@ def test_batch_is_taken_once_and_timeouts():
     cache = make()
     pending = cache.prepare_async([1], [3])
     batch = pending.wait(timeout=5.0)
+    assert pending.wait(0.0) is batch            # the same batch again
+    assert pending.wait_layer(0) is batch        # a no-op stream wait on the CPU
     with pytest.raises(InvalidStateError, match="already taken"):
-        pending.wait(0.0)
+        pending._native.wait(0.0)                # the core hands it over once
     batch.release()
 
 
