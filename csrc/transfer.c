@@ -27,6 +27,12 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
     x->skip_waits = env != NULL && atoi(env) != 0;
     /* HSTU_KVCACHE_DMA_MIN_BYTES: benchmarks compare the mechanisms (0
      * disables DMA), tests force both paths */
+    env = getenv("HSTU_KVCACHE_DEBUG_FAIL_TRANSFERS");
+    if (env != NULL) {
+        const char *colon = strchr(env, ':');
+        x->fail_skip = colon ? atoi(env) : 0;
+        x->fail_next = atoi(colon ? colon + 1 : env);
+    }
     env = getenv("HSTU_KVCACHE_DMA_MIN_BYTES");
     x->dma_min_bytes = env ? atoll(env) : DEFAULT_DMA_MIN_BYTES;
     x->ring_cap = ring_cap;
@@ -225,6 +231,21 @@ static hkv_status stage_ids(hkv_xfer *x, hkv_copy_pages_args *a, const int32_t *
     return HKV_OK;
 }
 
+/* Fault injection: the caller handles a failed launch as it would a CUDA
+ * error (pages it was filling read as a miss, nothing else changes). */
+static hkv_status injected_failure(hkv_xfer *x, const char *what)
+{
+    if (x->fail_next <= 0)
+        return HKV_OK;
+    if (x->fail_skip > 0) {
+        x->fail_skip--;
+        return HKV_OK;
+    }
+    x->fail_next--;
+    return hkv_error(HKV_ECUDA, "%s failed (injected by HSTU_KVCACHE_DEBUG_FAIL_TRANSFERS)",
+                     what);
+}
+
 static void push_record(hkv_xfer *x, void *event, int64_t ring_end,
                         const int32_t *gpu_pins, int64_t n_gpu,
                         const int32_t *host_pins, int64_t n_host,
@@ -339,6 +360,9 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         *done = NULL;
     if (n <= 0)
         return HKV_OK;
+    hkv_status fail = injected_failure(x, "offload");
+    if (fail != HKV_OK)
+        return fail;
     hkv_copy_pages_args a = copy_args(gpu, host, 1);
     a.first_layer = 0;
     a.num_layers = gpu->num_layers;
@@ -416,6 +440,9 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
 {
     if (n <= 0)
         return HKV_OK;
+    hkv_status fail = injected_failure(x, "onboard");
+    if (fail != HKV_OK)
+        return fail;
     hkv_copy_pages_args a = copy_args(gpu, host, 0);
     a.n = n;
     a.num_layers = 1;

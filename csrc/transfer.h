@@ -95,6 +95,9 @@ typedef struct hkv_xfer {
      * caller's waits (the ordering tests must then fail) */
     int delay_us;
     int skip_waits;
+    int fail_skip;           /* HSTU_KVCACHE_DEBUG_FAIL_TRANSFERS="S:N": after
+                                S transfers, N fail at launch (tests)     */
+    int fail_next;
     /* counters */
     uint64_t onboard_pages, offload_pages, onboard_bytes, offload_bytes;
     uint64_t transfers;
