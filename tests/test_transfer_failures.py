@@ -60,6 +60,7 @@ def test_failed_write_back_reads_as_a_miss(monkeypatch):
     assert cache.lookup([1], [16]).cached_lengths.tolist() == [12]   # a miss, not garbage
     assert torch.equal(cache.read(1, 0)[0], k1[0, :12])
     cache.check()
+    cache.evict([1])
     k = fill(cache, 1, 16, 3)                    # recomputed and cached again
     assert torch.equal(cache.read(1, 1)[0], k[1])
     cache.check()
