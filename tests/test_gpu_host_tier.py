@@ -293,3 +293,25 @@ def test_early_reuse_ordering_fails_without_the_waits(monkeypatch):
     with pytest.raises(AssertionError):
         test_early_reuse_waits_for_the_earlier_batch_on_another_stream()
     torch.cuda.synchronize()
+
+
+def test_failed_onboard_on_gpu_leaves_the_host_copy(path, monkeypatch):
+    """The CUDA path's handling of a transfer that fails at launch (ids given
+    back to the ring, pages dropped, nothing pinned)."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_FAIL_TRANSFERS", "1:1")
+    _, gpu, _, _ = host_pair("lazy", gpu_pages=16)
+    k = torch.randn(2, 40, 2, 32, device="cuda")
+    with gpu.prepare([1], [40]) as b:
+        gpu.append(range(2), k, k + 1, b)
+    gpu.evict([1], gpu=True, host=False, offload=True)
+    with pytest.raises(hk.CudaError, match="injected"):
+        gpu.prepare([1], [40])
+    assert gpu.cached_tiers(1) == (0, 40) and gpu.stats()["pages_used"] == 0
+    gpu.check()
+    with gpu.prepare([1], [40]) as b:
+        for layer in range(2):
+            kg, vg = gpu.gather(layer, b)
+            torch.cuda.synchronize()
+            assert torch.equal(kg, k[layer]) and torch.equal(vg, k[layer] + 1)
+    check_path(gpu, path)
+    gpu.check()
