@@ -1821,6 +1821,50 @@ static void test_cache_early_reuse_chain(void)
     hkv_cache_destroy(c);
 }
 
+/* prefetch on the CPU path: host pages come back, skipped users change
+ * nothing, a full GPU tier without host copies drops the hint. */
+static void test_cache_prefetch(void)
+{
+    hkv_config cfg = cfg_small(2, 4, 8, 4, 64);
+    cfg.host_pages = 16;
+    hkv_cache *c;
+    req r;
+    hkv_stats st;
+    int32_t started = -1;
+    CREATE(&cfg, &c);
+    req_init(&r);
+    req_add(&r, 1, 16);
+    CHECK(req_round(c, &r) == 0);
+    int64_t one = 1, gpu = -1, host = -1;
+    CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_GPU, 1, NULL));
+    hkv_cache_user_tiers(c, 1, &gpu, &host);
+    CHECK_EQ(gpu, 0);
+    CHECK_EQ(host, 16);
+    CHECK_ST(hkv_cache_prefetch(c, 5, (const int64_t[]){1, 1, 2, 3, 4}, NULL, &started),
+             HKV_EINVAL);                              /* more than max_batch_size */
+    CHECK_OK(hkv_cache_prefetch(c, 3, (const int64_t[]){2, 1, 1}, NULL, &started));
+    CHECK_EQ(started, 1);                              /* unknown and duplicate skipped */
+    hkv_cache_user_tiers(c, 1, &gpu, &host);
+    CHECK_EQ(gpu, 16);
+    CHECK(check_user_default(c, 1, 16) == 0);
+    CHECK_CACHE(c);
+    /* GPU full of pages without host copies: no room, nothing evicted */
+    CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_GPU, 0, NULL));
+    req_init(&r);
+    req_add(&r, 2, 32);
+    CHECK(req_round(c, &r) == 0);
+    hkv_cache_stats(c, &st);
+    uint64_t evicted = st.pages_evicted;
+    CHECK_OK(hkv_cache_prefetch(c, 1, &one, NULL, &started));
+    CHECK_EQ(started, 0);
+    hkv_cache_stats(c, &st);
+    CHECK_EQ(st.pages_evicted, evicted);
+    CHECK_EQ(st.prefetch_dropped, 1);
+    CHECK(check_user_default(c, 2, 32) == 0);
+    CHECK_CACHE(c);
+    hkv_cache_destroy(c);
+}
+
 void run_cache_tests(void)
 {
     RUN(test_cache_config_invalid);
@@ -1834,6 +1878,7 @@ void run_cache_tests(void)
     RUN(test_cache_append_read_args);
     RUN(test_cache_busy);
     RUN(test_cache_early_reuse_chain);
+    RUN(test_cache_prefetch);
     RUN(test_cache_abort_rollback);
     RUN(test_cache_verified_rewrite);
     RUN(test_cache_verified_busy_rewrite);
