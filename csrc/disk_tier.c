@@ -901,7 +901,10 @@ static hkv_status open_file(hkv_disk *d, uint64_t size)
     }
     if (d->cfg.persist) {
         /* the file's directory entry must be durable too */
-        int dfd = open(d->cfg.dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+        char dir[sizeof d->path];
+        memcpy(dir, d->path, sizeof dir);
+        *strrchr(dir, '/') = '\0';
+        int dfd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (dfd >= 0) {
             fsync(dfd);
             close(dfd);
