@@ -110,6 +110,7 @@ int main(int argc, char **argv)
     run_strip_tests();
     run_soak_tests();
     run_async_tests();
+    run_disk_tests();
 
     printf("%d passed, %d failed\n", passed, failed);
     free(filters);
