@@ -11,8 +11,9 @@
  *
  * The CRC-32C covers the 64 header bytes (with the crc field zero) and
  * then the data_len data bytes.  Header and data go to disk in ONE
- * pwrite from one aligned staging buffer; with persist an fdatasync
- * follows, and only after it returns is the record put in the index.  A
+ * pwritev (header block + the caller's pieces when the kernel can take
+ * them as they are, else one pwrite from an aligned staging buffer the
+ * pieces were gathered into); with persist an fdatasync follows, and only after it returns is the record put in the index.  A
  * crash can therefore leave a slot torn (some blocks old, some new), but
  * a torn slot fails its CRC, and recovery treats it as free: the state
  * after a crash is the old one for that key, or the new one, never a mix.
@@ -126,6 +127,7 @@ struct hkv_disk {
     int32_t num_slots;
     int num_workers;
     unsigned char **staging;   /* [io_threads] aligned record buffers      */
+    struct iovec *wiov;        /* [io_threads][max_iov + 1] scratch        */
     unsigned char *zero_block; /* aligned ALIGN zero bytes (wipes)         */
     hkv_io_pool *pool;
 
@@ -278,6 +280,59 @@ static int write_full(int fd, const unsigned char *buf, size_t n, off_t off)
         off += w;
     }
     return 0;
+}
+
+/* pwritev / preadv all the bytes of iov[0..cnt), continuing after a short
+ * transfer (iov is consumed).  0, an errno, or for a read that hit the
+ * end of the file ENODATA. */
+static int rw_full(int fd, int write, struct iovec *iov, int cnt, off_t off)
+{
+    while (cnt > 0) {
+        ssize_t r = write ? pwritev(fd, iov, cnt, off) : preadv(fd, iov, cnt, off);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (r == 0)
+            return write ? EIO : ENODATA;
+        off += r;
+        while (cnt > 0 && (size_t)r >= iov->iov_len) {
+            r -= (ssize_t)iov->iov_len;
+            iov++;
+            cnt--;
+        }
+        if (cnt > 0) {
+            iov->iov_base = (unsigned char *)iov->iov_base + r;
+            iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
+/* Can the caller's pieces go to the kernel as they are (no staging copy)?
+ * Always with buffered I/O; with O_DIRECT only when every piece is 4 KiB
+ * aligned in address and length (pinned host pages of the standard
+ * geometry are: 128 KiB per layer). */
+static int iov_zero_copy(const hkv_disk *d, const struct iovec *iov, int n)
+{
+    if (!d->direct)
+        return 1;
+    for (int k = 0; k < n; k++)
+        if (((uintptr_t)iov[k].iov_base | iov[k].iov_len) & (ALIGN - 1))
+            return 0;
+    return 1;
+}
+
+/* CRC of header (crc = 0) + the data in pieces. */
+static uint32_t record_crc_iov(const struct rec_header *h, const struct iovec *iov, int n)
+{
+    struct rec_header z = *h;
+    z.crc = 0;
+    uint32_t c = hkv_crc32c(0, &z, sizeof z);
+    for (int k = 0; k < n; k++)
+        c = hkv_crc32c(c, iov[k].iov_base, iov[k].iov_len);
+    return c;
 }
 
 /* pread up to n bytes: the count read (< n at end of file), or -errno. */
@@ -549,11 +604,8 @@ static void reader_done(hkv_disk *d, int32_t s)
 /* ------------------------------------------------------------------ */
 /* the I/O threads                                                     */
 
-static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf)
+static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf, struct iovec *wiov)
 {
-    /* The gather: header block, data, zero padding, all in one aligned
-     * buffer so that one pwrite puts the whole record down (O_DIRECT
-     * needs aligned memory; the caller's pieces need not be). */
     struct rec_header h = {0};
     h.magic = REC_MAGIC;
     h.version = REC_VERSION;
@@ -565,14 +617,26 @@ static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf)
     h.data_len = o->data_len;
     h.seq = o->seq;
     h.record_bytes = d->record_bytes;
-    unsigned char *data = buf + HKV_DISK_HEADER_BYTES;
-    size_t at = 0;
-    for (int k = 0; k < o->iovcnt; k++) {
-        memcpy(data + at, o->iov[k].iov_base, o->iov[k].iov_len);
-        at += o->iov[k].iov_len;
+    /* Zero-copy: the header block from the staging buffer, the data from
+     * the caller's pieces, one pwritev.  Otherwise the gather: header
+     * block, data, zero padding in one aligned buffer (O_DIRECT needs
+     * aligned memory and lengths; the caller's pieces need not be). */
+    int zero_copy = iov_zero_copy(d, o->iov, o->iovcnt);
+    size_t bytes;
+    if (zero_copy) {
+        h.crc = record_crc_iov(&h, o->iov, o->iovcnt);
+        bytes = HKV_DISK_HEADER_BYTES + (size_t)o->data_len;
+    } else {
+        unsigned char *data = buf + HKV_DISK_HEADER_BYTES;
+        size_t at = 0;
+        for (int k = 0; k < o->iovcnt; k++) {
+            memcpy(data + at, o->iov[k].iov_base, o->iov[k].iov_len);
+            at += o->iov[k].iov_len;
+        }
+        memset(data + at, 0, d->record_bytes - HKV_DISK_HEADER_BYTES - at);
+        h.crc = record_crc(&h, data);
+        bytes = d->record_bytes;
     }
-    memset(data + at, 0, d->record_bytes - HKV_DISK_HEADER_BYTES - at);
-    h.crc = record_crc(&h, data);
     memset(buf, 0, HKV_DISK_HEADER_BYTES);
     memcpy(buf, &h, sizeof h);
 
@@ -583,13 +647,19 @@ static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf)
             err = EIO;
         else if (fault_take(d, HKV_DISK_FAULT_WRITE_ENOSPC))
             err = ENOSPC;
-        else
-            err = write_full(d->fd, buf, d->record_bytes, slot_offset(d, o->slot));
+        else if (!zero_copy)
+            err = write_full(d->fd, buf, bytes, slot_offset(d, o->slot));
+        else {
+            wiov[0].iov_base = buf;
+            wiov[0].iov_len = HKV_DISK_HEADER_BYTES;
+            memcpy(wiov + 1, o->iov, (size_t)o->iovcnt * sizeof *wiov);
+            err = rw_full(d->fd, 1, wiov, o->iovcnt + 1, slot_offset(d, o->slot));
+        }
         if (err == 0 && d->cfg.persist && fdatasync(d->fd) != 0)
             err = errno;
         if (err == 0) {
             pthread_mutex_lock(&d->lock);
-            d->st.bytes_written += d->record_bytes;
+            d->st.bytes_written += bytes;
             return HKV_DISK_DONE;  /* with the lock held */
         }
         /* Failed: the slot may hold a torn or even a whole record (the
@@ -620,12 +690,61 @@ static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf)
     }
 }
 
-static hkv_disk_result io_read(hkv_disk *d, op *o, unsigned char *buf, int *bad_check)
+/* Check a record's header against what the index expects. */
+static int header_matches(const hkv_disk *d, const struct rec_header *h, const op *o)
+{
+    return header_plausible(d, h) && h->user_id == o->user && h->page_index == o->page &&
+           h->fingerprint == o->fingerprint && h->seq == o->seq &&
+           h->data_len == o->data_len && h->token_count == o->tokens;
+}
+
+static hkv_disk_result io_read(hkv_disk *d, op *o, unsigned char *buf, struct iovec *wiov,
+                               int *bad_check)
 {
     fault_delay(d);
     *bad_check = 0;
+    int zero_copy = iov_zero_copy(d, o->iov, o->iovcnt) &&
+                    (!d->direct || (o->data_len & (ALIGN - 1)) == 0);
+    if (zero_copy) {
+        /* Straight into the caller's pieces (trimmed to the data length):
+         * no copy, one CRC pass over the caller's memory.  On a failed
+         * check those bytes are zeroed again, so a miss never leaves
+         * unverified data behind. */
+        struct iovec *pieces = wiov + d->cfg.max_iov + 1;  /* kept: rw_full eats wiov */
+        int n = 0;
+        size_t left = (size_t)o->data_len;
+        for (int k = 0; k < o->iovcnt && left > 0; k++, n++) {
+            pieces[n] = o->iov[k];
+            if (pieces[n].iov_len > left)
+                pieces[n].iov_len = left;
+            left -= pieces[n].iov_len;
+        }
+        wiov[0].iov_base = buf;
+        wiov[0].iov_len = HKV_DISK_HEADER_BYTES;
+        memcpy(wiov + 1, pieces, (size_t)n * sizeof *wiov);
+        int err;
+        if (fault_take(d, HKV_DISK_FAULT_READ_EIO))
+            err = EIO;
+        else if (fault_take(d, HKV_DISK_FAULT_READ_SHORT))
+            err = ENODATA;
+        else
+            err = rw_full(d->fd, 0, wiov, n + 1, slot_offset(d, o->slot));
+        if (err != 0 && err != ENODATA)
+            return HKV_DISK_IO_ERROR;
+        *bad_check = 1;
+        struct rec_header h;
+        memcpy(&h, buf, sizeof h);
+        if (err == ENODATA || !header_matches(d, &h, o) ||
+            record_crc_iov(&h, pieces, n) != h.crc) {
+            for (int k = 0; k < n; k++)
+                memset(pieces[k].iov_base, 0, pieces[k].iov_len);
+            return HKV_DISK_CORRUPT;
+        }
+        *bad_check = 0;
+        return HKV_DISK_DONE;
+    }
     /* Whole 4 KiB blocks only (O_DIRECT): header block plus the data
-     * rounded up. */
+     * rounded up, into the staging buffer. */
     size_t want = HKV_DISK_HEADER_BYTES + (((size_t)o->data_len + ALIGN - 1) & ~(size_t)(ALIGN - 1));
     ssize_t got;
     if (fault_take(d, HKV_DISK_FAULT_READ_EIO))
@@ -641,12 +760,8 @@ static hkv_disk_result io_read(hkv_disk *d, op *o, unsigned char *buf, int *bad_
         return HKV_DISK_CORRUPT;  /* truncated file */
     struct rec_header h;
     memcpy(&h, buf, sizeof h);
-    if (!header_plausible(d, &h) || h.user_id != o->user || h.page_index != o->page ||
-        h.fingerprint != o->fingerprint || h.seq != o->seq || h.data_len != o->data_len ||
-        h.token_count != o->tokens)
-        return HKV_DISK_CORRUPT;
     unsigned char *data = buf + HKV_DISK_HEADER_BYTES;
-    if (record_crc(&h, data) != h.crc)
+    if (!header_matches(d, &h, o) || record_crc(&h, data) != h.crc)
         return HKV_DISK_CORRUPT;
     /* verified: only now does any byte reach the caller */
     size_t at = 0;
@@ -686,6 +801,7 @@ static void io_run(void *ctx, void *job, int worker)
     op *o = job;
     int32_t i = (int32_t)(o - d->ops);
     unsigned char *buf = d->staging[worker];
+    struct iovec *wiov = d->wiov + (size_t)worker * 2 * ((size_t)d->cfg.max_iov + 1);
 
     pthread_mutex_lock(&d->lock);
     o->state = OP_RUNNING;
@@ -702,7 +818,7 @@ static void io_run(void *ctx, void *job, int worker)
             pthread_mutex_lock(&d->lock);
             r = HKV_DISK_CANCELLED;
         } else {
-            r = io_write(d, o, buf);  /* returns with the lock held */
+            r = io_write(d, o, buf, wiov);  /* returns with the lock held */
         }
         if (r == HKV_DISK_DONE && o->cancelled)
             r = HKV_DISK_CANCELLED;
@@ -735,7 +851,7 @@ static void io_run(void *ctx, void *job, int worker)
     }
     /* read */
     int bad_check = 0;
-    hkv_disk_result r = cancelled ? HKV_DISK_CANCELLED : io_read(d, o, buf, &bad_check);
+    hkv_disk_result r = cancelled ? HKV_DISK_CANCELLED : io_read(d, o, buf, wiov, &bad_check);
     pthread_mutex_lock(&d->lock);
     if (r == HKV_DISK_CANCELLED) {
         /* closing: no I/O, the record stays */
@@ -835,6 +951,7 @@ static void disk_free(hkv_disk *d)
     for (int w = 0; d->staging != NULL && w < d->num_workers; w++)
         free(d->staging[w]);
     free(d->staging);
+    free(d->wiov);
     free(d->zero_block);
     if (d->ops != NULL)
         for (int32_t i = 0; i < d->num_ops; i++)
@@ -981,10 +1098,10 @@ hkv_status hkv_disk_open(const hkv_disk_config *cfg, hkv_disk **out)
         return hkv_error(HKV_EINVAL, "page_bytes=%llu is out of range",
                          (unsigned long long)cfg->page_bytes);
     if (cfg->io_threads <= 0 || cfg->io_threads > 256 || cfg->max_in_flight <= 0 ||
-        cfg->max_in_flight > (1 << 19) || cfg->max_iov <= 0 || cfg->admit_table <= 0 ||
+        cfg->max_in_flight > (1 << 19) || cfg->max_iov <= 0 || cfg->max_iov > 1000 || cfg->admit_table <= 0 ||
         (cfg->admit_table & (cfg->admit_table - 1)) != 0 || cfg->admit_after < 0)
         return hkv_error(HKV_EINVAL, "disk tier: io_threads (%d), max_in_flight (%d), "
-                         "max_iov (%d) must be positive, admit_table (%d) a power of "
+                         "max_iov (%d, at most 1000) must be positive, admit_table (%d) a power of "
                          "two, admit_after (%d) >= 0", (int)cfg->io_threads,
                          (int)cfg->max_in_flight, (int)cfg->max_iov,
                          (int)cfg->admit_table, (int)cfg->admit_after);
@@ -1026,7 +1143,9 @@ hkv_status hkv_disk_open(const hkv_disk_config *cfg, hkv_disk **out)
     d->num_ops = cfg->max_in_flight + NUM_WIPE_OPS;
     d->ops = calloc((size_t)d->num_ops, sizeof *d->ops);
     d->staging = calloc((size_t)d->num_workers, sizeof *d->staging);
+    d->wiov = calloc((size_t)d->num_workers * 2 * ((size_t)cfg->max_iov + 1), sizeof *d->wiov);
     if (d->slots == NULL || d->admit == NULL || d->ops == NULL || d->staging == NULL ||
+        d->wiov == NULL ||
         posix_memalign((void **)&d->zero_block, ALIGN, ALIGN) != 0) {
         d->zero_block = NULL;
         st = hkv_error(HKV_ENOMEM, "cannot allocate the disk tier's bookkeeping");

@@ -56,7 +56,7 @@ typedef struct hkv_disk_config {
     int32_t admit_table;      /* users the admission filter remembers (power of 2) */
     int32_t io_threads;       /* I/O threads                                       */
     int32_t max_in_flight;    /* writes + reads submitted and not yet polled       */
-    int32_t max_iov;          /* most iovecs of one write or read                  */
+    int32_t max_iov;          /* most iovecs of one write or read (<= 1000)        */
     int persist;              /* 1: keep and re-index the file across opens, and
                                  fdatasync each record before it is visible;
                                  0: start empty, no fdatasync                      */
@@ -140,8 +140,11 @@ hkv_status hkv_disk_write(hkv_disk *d, int64_t user_id, int64_t page_index,
 
 /*
  * Queue the read of record (user_id, page_index) with this fingerprint
- * into iov[0..iovcnt) (total at least the record's data length).  The
- * data is copied into the iovecs only after it was verified.  A record
+ * into iov[0..iovcnt) (total at least the record's data length).  Pieces
+ * the kernel can take as they are (4 KiB aligned address and length under
+ * O_DIRECT; any with buffered I/O) are read into directly and checked
+ * there; others through a staging buffer.  Either way the caller sees
+ * verified data only: after a miss its bytes are untouched or zeroed.  A record
  * absent at submit completes at once with HKV_DISK_MISS.  HKV_EBUSY as
  * for writes.
  */

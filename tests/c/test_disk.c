@@ -100,10 +100,15 @@ static void rm_dir(const char *dir)
     rmdir(dir);
 }
 
+/* 1: the stores try O_DIRECT (the default); test_disk_buffered_io runs
+ * tests again with 0, where every read and write is zero-copy. */
+static int test_direct = 1;
+
 static hkv_disk_config cfg_for(const char *dir, int slots)
 {
     hkv_disk_config cfg;
     hkv_disk_config_default(&cfg);
+    cfg.direct_io = test_direct;
     cfg.dir = dir;
     cfg.page_bytes = PAGE_BYTES;
     cfg.capacity_bytes = (uint64_t)slots * RECORD_BYTES;
@@ -142,10 +147,12 @@ static int read_page(hkv_disk *d, int64_t user, int64_t page, uint64_t fp,
     }
     if (r == HKV_DISK_DONE)
         return page_matches(&p, user, page, fp);
-    /* a miss never touches the caller's buffers */
+    /* a miss leaves no unverified byte: the caller's buffers are untouched
+     * (staged read) or zeroed (zero-copy read) */
+    int untouched = p.bytes[0][0] == 0xA5;
     for (int l = 0; l < LAYERS; l++)
         for (int i = 0; i < PIECE; i++)
-            HCHECK_EQ(p.bytes[l][i], 0xA5);
+            HCHECK_EQ(p.bytes[l][i], untouched ? 0xA5 : 0);
     return 0;
 }
 
@@ -304,7 +311,13 @@ static void test_disk_round_trip(void)
     CHECK_EQ(st.reads_failed, 1);
     CHECK_EQ(st.checksum_failures, 0);
     CHECK_EQ(st.bytes_used, 26ull * RECORD_BYTES);
-    CHECK_EQ(st.bytes_written, 26ull * RECORD_BYTES);
+    /* staged writes put whole slots down (O_DIRECT, unaligned pieces);
+     * zero-copy ones header + data (the empty record always, everything
+     * with buffered I/O) */
+    CHECK_EQ(st.bytes_written,
+             test_direct ? 25ull * RECORD_BYTES + HKV_DISK_HEADER_BYTES
+                         : 24ull * (HKV_DISK_HEADER_BYTES + PAGE_BYTES) +
+                               (HKV_DISK_HEADER_BYTES + 2 * PIECE) + HKV_DISK_HEADER_BYTES);
     CHECK_EQ(st.in_flight, 0);
     CHECK_OK(hkv_disk_check(d));
     hkv_disk_close(d);
@@ -1149,6 +1162,96 @@ static void test_disk_threads_close_with_work_queued(void)
     }
 }
 
+/* Pieces the kernel takes as they are under O_DIRECT (4 KiB aligned):
+ * zero-copy writes and reads, mixed with staged ones on the same keys. */
+static void test_disk_zero_copy_aligned(void)
+{
+    char dir[256];
+    make_dir(dir, sizeof dir);
+    hkv_disk_config cfg = cfg_for(dir, 8);
+    cfg.page_bytes = 4 * 4096;
+    cfg.capacity_bytes = 8 * (HKV_DISK_HEADER_BYTES + 4 * 4096);
+    hkv_disk *d = NULL;
+    CHECK_OK(hkv_disk_open(&cfg, &d));
+    unsigned char *a = NULL, *b = NULL;
+    CHECK(posix_memalign((void **)&a, 4096, 5 * 4096) == 0);
+    CHECK(posix_memalign((void **)&b, 4096, 5 * 4096) == 0);
+    for (int i = 0; i < 4 * 4096; i++)
+        a[i] = (unsigned char)(i * 7 + 3);
+    struct iovec wa[4], rb[5];
+    for (int k = 0; k < 4; k++)
+        wa[k] = (struct iovec){a + k * 4096, 4096};
+    for (int k = 0; k < 5; k++)
+        rb[k] = (struct iovec){b + k * 4096, 4096};  /* one piece more than needed */
+    hkv_disk_result r;
+    CHECK_OK(hkv_disk_write_sync(d, 1, 0, 9, 32, wa, 4, &r));
+    CHECK_EQ(r, HKV_DISK_DONE);
+    memset(b, 0xEE, 5 * 4096);
+    CHECK_OK(hkv_disk_read_sync(d, 1, 0, 9, rb, 5, &r));
+    CHECK_EQ(r, HKV_DISK_DONE);
+    CHECK(memcmp(a, b, 4 * 4096) == 0);
+    CHECK_EQ(b[4 * 4096], 0xEE);  /* past the record: untouched */
+    /* staged write (odd pieces), zero-copy read; and the reverse */
+    struct iovec odd[2] = {{a, 5000}, {a + 5000, 4 * 4096 - 5000}};
+    CHECK_OK(hkv_disk_write_sync(d, 1, 1, 9, 32, odd, 2, &r));
+    memset(b, 0, 4 * 4096);
+    CHECK_OK(hkv_disk_read_sync(d, 1, 1, 9, rb, 4, &r));
+    CHECK_EQ(r, HKV_DISK_DONE);
+    CHECK(memcmp(a, b, 4 * 4096) == 0);
+    struct iovec oddr[2] = {{b + 1, 7000}, {b + 1 + 7000, 4 * 4096 - 7000}};
+    memset(b, 0, 5 * 4096);
+    CHECK_OK(hkv_disk_read_sync(d, 1, 0, 9, oddr, 2, &r));
+    CHECK_EQ(r, HKV_DISK_DONE);
+    CHECK(memcmp(a, b + 1, 4 * 4096) == 0);
+    /* a flipped bit, read zero-copy: a miss, and the pieces are zeroed */
+    CHECK(flip_bit(d, hkv_disk_record_offset(d, 1, 0) + HKV_DISK_HEADER_BYTES + 9000, 3) == 0);
+    memset(b, 0xEE, 5 * 4096);
+    CHECK_OK(hkv_disk_read_sync(d, 1, 0, 9, rb, 5, &r));
+    CHECK_EQ(r, HKV_DISK_CORRUPT);
+    for (int i = 0; i < 4 * 4096; i++)
+        CHECK_EQ(b[i], 0);
+    /* faults on the zero-copy path */
+    CHECK_OK(hkv_disk_inject(d, HKV_DISK_FAULT_READ_SHORT, 1));
+    CHECK_OK(hkv_disk_read_sync(d, 1, 1, 9, rb, 4, &r));
+    CHECK_EQ(r, HKV_DISK_CORRUPT);
+    CHECK_OK(hkv_disk_write_sync(d, 1, 2, 9, 32, wa, 4, &r));
+    CHECK_OK(hkv_disk_inject(d, HKV_DISK_FAULT_READ_EIO, 1));
+    CHECK_OK(hkv_disk_read_sync(d, 1, 2, 9, rb, 4, &r));
+    CHECK_EQ(r, HKV_DISK_IO_ERROR);
+    CHECK_OK(hkv_disk_inject(d, HKV_DISK_FAULT_WRITE_EIO, 1));
+    CHECK_OK(hkv_disk_write_sync(d, 1, 3, 9, 32, wa, 4, &r));
+    CHECK_EQ(r, HKV_DISK_DONE);
+    CHECK_OK(hkv_disk_read_sync(d, 1, 3, 9, rb, 4, &r));
+    CHECK_EQ(r, HKV_DISK_DONE);
+    CHECK(memcmp(a, b, 4 * 4096) == 0);
+    hkv_disk_stats st;
+    hkv_disk_get_stats(d, &st);
+    CHECK_EQ(st.checksum_failures, 2);
+    CHECK_OK(hkv_disk_check(d));
+    hkv_disk_close(d);
+    free(a);
+    free(b);
+    rm_dir(dir);
+}
+
+static void test_disk_round_trip(void);
+static void test_disk_flipped_bits(void);
+static void test_disk_truncated_file(void);
+static void test_disk_eio_injection(void);
+static void test_disk_persist_torn_records(void);
+
+/* Buffered I/O (direct_io = 0): every transfer is zero-copy there. */
+static void test_disk_buffered_io(void)
+{
+    test_direct = 0;
+    void (*tests[])(void) = {test_disk_round_trip, test_disk_flipped_bits,
+                             test_disk_truncated_file, test_disk_eio_injection,
+                             test_disk_persist_torn_records, test_disk_zero_copy_aligned};
+    for (size_t i = 0; i < sizeof tests / sizeof tests[0] && !hkv_test_failed; i++)
+        tests[i]();
+    test_direct = 1;
+}
+
 void run_disk_tests(void)
 {
     RUN(test_disk_crc32c);
@@ -1170,4 +1273,6 @@ void run_disk_tests(void)
     RUN(test_disk_crash_consistency);
     RUN(test_disk_threads_readers_writers);
     RUN(test_disk_threads_close_with_work_queued);
+    RUN(test_disk_zero_copy_aligned);
+    RUN(test_disk_buffered_io);
 }
