@@ -1453,6 +1453,52 @@ int hkv_disk_poll(hkv_disk *d, uint64_t *tickets, hkv_disk_result *results, int 
     return n;
 }
 
+static struct timespec deadline_after(int64_t timeout_ns)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_REALTIME, &t);
+    t.tv_sec += timeout_ns / 1000000000;
+    t.tv_nsec += timeout_ns % 1000000000;
+    if (t.tv_nsec >= 1000000000) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000;
+    }
+    return t;
+}
+
+/* Completions poll would return now (lock held). */
+static int ready_count(hkv_disk *d)
+{
+    int n = 0;
+    for (int32_t i = d->done_head; i != NIL; i = d->ops[i].next)
+        n += !d->ops[i].waited;
+    return n;
+}
+
+int hkv_disk_wait_any(hkv_disk *d, int64_t timeout_ns)
+{
+    struct timespec deadline = deadline_after(timeout_ns > 0 ? timeout_ns : 0);
+    pthread_mutex_lock(&d->lock);
+    int n;
+    /* nothing queued or running for a caller: nothing will become ready */
+    while ((n = ready_count(d)) == 0 && d->caller_ops > 0) {
+        int pending = 0;
+        for (int32_t i = 0; i < d->num_ops && !pending; i++)
+            pending = d->ops[i].kind != OP_WIPE && !d->ops[i].waited &&
+                      (d->ops[i].state == OP_QUEUED || d->ops[i].state == OP_RUNNING);
+        if (!pending)
+            break;
+        if (timeout_ns < 0)
+            pthread_cond_wait(&d->done_cv, &d->lock);
+        else if (pthread_cond_timedwait(&d->done_cv, &d->lock, &deadline) == ETIMEDOUT) {
+            n = ready_count(d);
+            break;
+        }
+    }
+    pthread_mutex_unlock(&d->lock);
+    return n;
+}
+
 static op *ticket_op(hkv_disk *d, uint64_t ticket)
 {
     uint64_t i = ticket & ((1u << 20) - 1);
@@ -1473,16 +1519,7 @@ hkv_status hkv_disk_wait(hkv_disk *d, uint64_t ticket, int64_t timeout_ns,
                          "polled, or waited for elsewhere)", (unsigned long long)ticket);
     }
     o->waited = 1;
-    struct timespec deadline;
-    if (timeout_ns >= 0) {
-        clock_gettime(CLOCK_REALTIME, &deadline);
-        deadline.tv_sec += timeout_ns / 1000000000;
-        deadline.tv_nsec += timeout_ns % 1000000000;
-        if (deadline.tv_nsec >= 1000000000) {
-            deadline.tv_sec++;
-            deadline.tv_nsec -= 1000000000;
-        }
-    }
+    struct timespec deadline = deadline_after(timeout_ns > 0 ? timeout_ns : 0);
     while (o->state != OP_DONE) {
         if (timeout_ns < 0) {
             pthread_cond_wait(&d->done_cv, &d->lock);

@@ -157,6 +157,12 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
  * ticket completes exactly once, through poll or through wait. */
 int hkv_disk_poll(hkv_disk *d, uint64_t *tickets, hkv_disk_result *results, int max);
 
+/* Block until a completion is ready to poll, or timeout_ns passes (< 0:
+ * forever).  Returns how many are ready (0: timeout, or nothing is in
+ * flight).  For a thread of the cache's that has nothing else to do
+ * (an onboarding worker); the inference thread polls. */
+int hkv_disk_wait_any(hkv_disk *d, int64_t timeout_ns);
+
 /* Wait up to timeout_ns (< 0: forever) for one ticket and take its
  * completion.  HKV_EBUSY on timeout (the ticket stays pending),
  * HKV_EINVAL for a ticket that is not outstanding. */

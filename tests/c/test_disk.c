@@ -761,11 +761,19 @@ static void test_disk_busy_and_tickets(void)
         t[k] = 0;
         CHECK_EQ(res[i], HKV_DISK_DONE);
     }
+    /* wait_any: nothing in flight returns at once; else blocks for one */
+    CHECK_EQ(hkv_disk_wait_any(d, -1), 0);
+    CHECK_OK(hkv_disk_write(d, 1, 6, 1, 32, b.iov, LAYERS, &t[0]));
+    CHECK_EQ(hkv_disk_wait_any(d, -1), 1);
+    CHECK_EQ(hkv_disk_wait_any(d, 0), 1);
+    CHECK_EQ(hkv_disk_poll(d, got, res, 8), 1);
+    CHECK_EQ(got[0], t[0]);
     /* a wait that times out leaves the ticket pending */
     CHECK_OK(hkv_disk_inject(d, HKV_DISK_FAULT_DELAY_US, 50000));
     uint64_t slow;
     CHECK_OK(hkv_disk_write(d, 1, 5, 1, 32, b.iov, LAYERS, &slow));
     CHECK_ST(hkv_disk_wait(d, slow, 1000000, NULL), HKV_EBUSY);
+    CHECK_EQ(hkv_disk_wait_any(d, 1000000), 0);  /* times out */
     CHECK_OK(hkv_disk_wait(d, slow, -1, NULL));
     hkv_disk_close(d);
     rm_dir(dir);
