@@ -1453,6 +1453,16 @@ int hkv_disk_poll(hkv_disk *d, uint64_t *tickets, hkv_disk_result *results, int 
     return n;
 }
 
+int32_t hkv_disk_ticket_index(uint64_t ticket)
+{
+    return (int32_t)(ticket & ((1u << 20) - 1));
+}
+
+int32_t hkv_disk_ticket_capacity(const hkv_disk *d)
+{
+    return d->num_ops;
+}
+
 static struct timespec deadline_after(int64_t timeout_ns)
 {
     struct timespec t;

@@ -157,6 +157,13 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
  * ticket completes exactly once, through poll or through wait. */
 int hkv_disk_poll(hkv_disk *d, uint64_t *tickets, hkv_disk_result *results, int max);
 
+/* A small index of an outstanding ticket, unique among the outstanding
+ * ones and below hkv_disk_ticket_capacity(d): the cache keeps what a
+ * ticket pins (the host page of a write, the target of a read) in a flat
+ * array indexed by it, instead of a map. */
+int32_t hkv_disk_ticket_index(uint64_t ticket);
+int32_t hkv_disk_ticket_capacity(const hkv_disk *d);
+
 /* Block until a completion is ready to poll, or timeout_ns passes (< 0:
  * forever).  Returns how many are ready (0: timeout, or nothing is in
  * flight).  For a thread of the cache's that has nothing else to do

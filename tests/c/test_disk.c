@@ -743,6 +743,13 @@ static void test_disk_busy_and_tickets(void)
         CHECK_OK(hkv_disk_write(d, 1, i, 1, 32, b.iov, LAYERS, &t[i]));
     /* completed but not polled still counts: the caller must poll */
     hkv_disk_drain(d);
+    /* outstanding tickets have distinct small indexes */
+    for (int i = 0; i < 4; i++) {
+        CHECK(hkv_disk_ticket_index(t[i]) >= 0 &&
+              hkv_disk_ticket_index(t[i]) < hkv_disk_ticket_capacity(d));
+        for (int j = 0; j < i; j++)
+            CHECK(hkv_disk_ticket_index(t[i]) != hkv_disk_ticket_index(t[j]));
+    }
     CHECK_ST(hkv_disk_write(d, 1, 4, 1, 32, b.iov, LAYERS, &t[4]), HKV_EBUSY);
     CHECK_EQ(t[4], 0);
     CHECK_ST(hkv_disk_wait(d, t[0], 0, NULL), HKV_OK);
