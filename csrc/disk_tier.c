@@ -249,6 +249,16 @@ static int32_t fault_take(hkv_disk *d, hkv_disk_fault f)
     return 0;
 }
 
+/* 1 for the call that counts the fault down from 1 to 0. */
+static int fault_countdown(hkv_disk *d, hkv_disk_fault f)
+{
+    int32_t n = atomic_load(&d->faults[f]);
+    while (n > 0)
+        if (atomic_compare_exchange_weak(&d->faults[f], &n, n - 1))
+            return n == 1;
+    return 0;
+}
+
 static void fault_delay(hkv_disk *d)
 {
     int32_t us = atomic_load(&d->faults[HKV_DISK_FAULT_DELAY_US]);
@@ -604,6 +614,27 @@ static void reader_done(hkv_disk *d, int32_t s)
 /* ------------------------------------------------------------------ */
 /* the I/O threads                                                     */
 
+/* Test fault TORN_EXIT: part of the record, then the process ends. */
+static void torn_exit(hkv_disk *d, op *o, unsigned char *buf, int zero_copy, size_t bytes)
+{
+    if (zero_copy) {  /* gather into the staging buffer (it holds a record) */
+        size_t at = HKV_DISK_HEADER_BYTES;
+        for (int k = 0; k < o->iovcnt; k++) {
+            memcpy(buf + at, o->iov[k].iov_base, o->iov[k].iov_len);
+            at += o->iov[k].iov_len;
+        }
+    }
+    off_t off = slot_offset(d, o->slot);
+    size_t half = ((bytes - HKV_DISK_HEADER_BYTES) / 2) & ~(size_t)(ALIGN - 1);
+    if (o->seq & 1)
+        (void)write_full(d->fd, buf, HKV_DISK_HEADER_BYTES + half, off);
+    else
+        (void)write_full(d->fd, buf + HKV_DISK_HEADER_BYTES + half,
+                         bytes - HKV_DISK_HEADER_BYTES - half,
+                         off + (off_t)(HKV_DISK_HEADER_BYTES + half));
+    _exit(86);
+}
+
 static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf, struct iovec *wiov)
 {
     struct rec_header h = {0};
@@ -643,6 +674,8 @@ static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf, struct i
     for (int attempt = 0;; attempt++) {
         fault_delay(d);
         int err = 0;
+        if (fault_countdown(d, HKV_DISK_FAULT_TORN_EXIT))
+            torn_exit(d, o, buf, zero_copy, bytes);
         if (fault_take(d, HKV_DISK_FAULT_WRITE_EIO))
             err = EIO;
         else if (fault_take(d, HKV_DISK_FAULT_WRITE_ENOSPC))
@@ -932,7 +965,8 @@ const char *hkv_disk_result_name(hkv_disk_result r)
 static void read_env_faults(hkv_disk *d)
 {
     static const char *names[HKV_DISK_NUM_FAULTS] = {"write_eio", "write_enospc", "read_eio",
-                                                     "read_short", "delay_us"};
+                                                     "read_short", "delay_us", "torn_exit",
+                                                     "direct_einval"};
     const char *env = getenv("HSTU_KVCACHE_DISK_FAULTS");
     if (env == NULL)
         return;
@@ -1007,7 +1041,7 @@ static hkv_status open_file(hkv_disk *d, uint64_t size)
     }
     if (d->direct) {
         ssize_t r = pread(d->fd, d->staging[0], ALIGN, 0);
-        if (r < 0 && errno == EINVAL) {
+        if ((r < 0 && errno == EINVAL) || fault_take(d, HKV_DISK_FAULT_DIRECT_EINVAL)) {
             close(d->fd);
             d->direct = 0;
             d->fd = open(d->path, flags, 0644);
@@ -1179,6 +1213,8 @@ hkv_status hkv_disk_open(const hkv_disk_config *cfg, hkv_disk **out)
         x->lru_prev = x->lru_next = x->u_prev = x->u_next = x->next = NIL;
     }
     if (st == HKV_OK)
+        read_env_faults(d);  /* before the file: DIRECT_EINVAL acts at open */
+    if (st == HKV_OK)
         st = open_file(d, slots * record_bytes);
     if (st == HKV_OK) {
         if (cfg->persist) {
@@ -1189,7 +1225,6 @@ hkv_status hkv_disk_open(const hkv_disk_config *cfg, hkv_disk **out)
                 push_free(d, s);
         }
     }
-    read_env_faults(d);
     if (st == HKV_OK)
         st = hkv_io_pool_start(cfg->io_threads, d->num_ops, io_run, io_cancel, d, &d->pool);
     if (st != HKV_OK) {

@@ -221,6 +221,12 @@ hkv_status hkv_disk_check(hkv_disk *d);
  * variable HSTU_KVCACHE_DISK_FAULTS ("write_eio=2,read_short=1,...", the
  * names below without the prefix, lower case) sets them at open.
  * DELAY_US is not a count: every I/O first sleeps that many microseconds.
+ * TORN_EXIT = n: the n-th write from now puts down only part of its
+ * record (odd seq: the header block and the first half of the data; even:
+ * the second half of the data) and then ends the process with _exit(86),
+ * which is what a power cut in the middle of the write leaves behind.
+ * DIRECT_EINVAL (environment only, it acts in hkv_disk_open): the O_DIRECT
+ * probe read fails as on a filesystem that takes the flag but not the I/O.
  */
 typedef enum hkv_disk_fault {
     HKV_DISK_FAULT_WRITE_EIO = 0,
@@ -228,6 +234,8 @@ typedef enum hkv_disk_fault {
     HKV_DISK_FAULT_READ_EIO,
     HKV_DISK_FAULT_READ_SHORT,
     HKV_DISK_FAULT_DELAY_US,
+    HKV_DISK_FAULT_TORN_EXIT,
+    HKV_DISK_FAULT_DIRECT_EINVAL,
     HKV_DISK_NUM_FAULTS
 } hkv_disk_fault;
 
