@@ -83,6 +83,9 @@ typedef struct slot {
     uint64_t fingerprint, seq, data_len;
     uint32_t tokens;
     uint8_t state;
+    uint8_t ondisk;            /* its bytes may be a valid record (a write
+                                  started there, or recovery found one);
+                                  only such slots need a wipe             */
     int32_t readers;           /* reads in flight on this slot            */
     int32_t lru_prev, lru_next;   /* VALID: LRU list (head = newest)      */
     int32_t u_prev, u_next;       /* VALID: the user's chain              */
@@ -451,8 +454,9 @@ static void push_free(hkv_disk *d, int32_t s)
 
 static void kick_wipes(hkv_disk *d);
 
-/* A slot whose bytes may still be a valid record: wipe it (persist) or
- * free it.  A slot still read is only marked; the last reader retires it. */
+/* A slot that leaves service: wiped first if persist and its bytes may be
+ * a valid record, else freed.  A slot still read is only marked; the last
+ * reader retires it. */
 static void retire_slot(hkv_disk *d, int32_t s)
 {
     slot *x = &d->slots[s];
@@ -460,7 +464,7 @@ static void retire_slot(hkv_disk *d, int32_t s)
         x->state = SLOT_DEAD;  /* in no list until the readers are out */
         return;
     }
-    if (!d->cfg.persist) {
+    if (!d->cfg.persist || !x->ondisk) {
         push_free(d, s);
         return;
     }
@@ -719,6 +723,7 @@ static hkv_disk_result io_write(hkv_disk *d, op *o, unsigned char *buf, struct i
             return full ? HKV_DISK_NO_SPACE : HKV_DISK_IO_ERROR;
         }
         o->slot = next;
+        d->slots[next].ondisk = 1;
         pthread_mutex_unlock(&d->lock);
     }
 }
@@ -819,6 +824,8 @@ static void io_wipe(hkv_disk *d, op *o)
     if (err != 0)
         d->st.io_errors++;  /* the slot is reused anyway; its next write
                                overwrites the header */
+    else
+        d->slots[o->slot].ondisk = 0;
     push_free(d, o->slot);
     d->wipes--;
     d->running--;
@@ -839,6 +846,8 @@ static void io_run(void *ctx, void *job, int worker)
     pthread_mutex_lock(&d->lock);
     o->state = OP_RUNNING;
     int cancelled = o->cancelled;
+    if (o->kind == OP_WRITE && !cancelled)
+        d->slots[o->slot].ondisk = 1;  /* from now on the slot may hold it */
     pthread_mutex_unlock(&d->lock);
 
     if (o->kind == OP_WIPE) {
@@ -1098,6 +1107,7 @@ static hkv_status recover(hkv_disk *d)
         if (old != NIL && d->slots[old].seq > h.seq) {
             d->st.recovery_skipped++;
             d->slots[s].state = SLOT_STALE;
+            d->slots[s].ondisk = 1;
             d->slots[s].next = d->stale_top;
             d->stale_top = s;
             continue;
@@ -1117,6 +1127,7 @@ static hkv_status recover(hkv_disk *d)
         x->seq = h.seq;
         x->data_len = h.data_len;
         x->tokens = h.token_count;
+        x->ondisk = 1;
         index_slot(d, s);
         d->st.recovered++;
     }
