@@ -111,6 +111,7 @@ int main(int argc, char **argv)
     run_soak_tests();
     run_async_tests();
     run_events_tests();
+    run_disk_tests();
 
     printf("%d passed, %d failed\n", passed, failed);
     free(filters);
