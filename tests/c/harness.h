@@ -155,11 +155,8 @@ void run_cache_tests(void);
 void run_strip_tests(void);
 void run_soak_tests(void);
 void run_async_tests(void);
-<<<<<<< HEAD
 void run_events_tests(void);
-=======
 void run_disk_tests(void);
->>>>>>> disk-tier
 
 /* Seed of the soak (command line --seed=N); fixed by default. */
 extern uint64_t hkv_test_seed;
