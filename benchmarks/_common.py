@@ -366,10 +366,41 @@ def _plot_tiers(doc: Dict[str, Any], plt: Any) -> Any:
     return fig
 
 
+def _plot_disk(doc: Dict[str, Any], plt: Any) -> Any:
+    """Disk store write/read GB/s next to raw I/O of the same bytes and
+    file flags measured in the same run."""
+    r = doc["results"]
+    groups = [("write", [("raw, contiguous", "raw_write_gbps"),
+                         ("raw, store's pieces", "raw_pwritev_9_pieces_gbps"),
+                         ("store", "store_write_gbps")]),
+              ("read", [("raw, contiguous", "raw_read_gbps"),
+                        ("raw, store's pieces", "raw_preadv_9_pieces_gbps"),
+                        ("store (CRC checked)", "store_read_gbps")]),
+              ("durable write", [("raw + fdatasync", "raw_write_fdatasync_each_gbps"),
+                                 ("store, persist", "store_write_persist_gbps")])]
+    fig, ax = plt.subplots(figsize=(12, 4.5))
+    x = 0
+    ticks, labels = [], []
+    for name, bars in groups:
+        for label, key in bars:
+            if key in r:
+                ax.bar(x, r[key], color="tab:orange" if label.startswith("store") else "tab:gray")
+                ax.text(x, r[key], f"{r[key]:.2f}", ha="center", va="bottom", fontsize=8)
+                ticks.append(x)
+                labels.append(f"{name}\n{label}")
+                x += 1
+        x += 0.6
+    ax.set_xticks(ticks, labels, fontsize=7)
+    ax.set_ylabel("GB/s")
+    ax.grid(alpha=0.3, axis="y")
+    fig.suptitle(_title(doc, "disk tier against raw I/O of the same bytes, same run"))
+    return fig
+
+
 #: result name prefix -> plotter
 PLOTTERS: Dict[str, Callable[[Dict[str, Any], Any], Any]] = {
     "e2e": _plot_e2e, "facade": _plot_facade, "host": _plot_host,
-    "kernels": _plot_kernels, "tiers": _plot_tiers,
+    "kernels": _plot_kernels, "tiers": _plot_tiers, "disk": _plot_disk,
 }
 
 
