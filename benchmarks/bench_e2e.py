@@ -98,6 +98,9 @@ def main():
     ap.add_argument("--batches", default="1,2,4,8,16")
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--no-copy-engines", action="store_true",
+                    help="the cache moves tier pages with its copy kernel only "
+                         "(KVCacheConfig.copy_engines=False)")
     ap.add_argument("--profile", action="store_true",
                     help="print a torch.profiler table of each path at the largest batch")
     add_plot_only(ap)
@@ -117,6 +120,7 @@ def main():
         num_layers=8, num_heads=4, head_dim=256, page_size=page, dtype="bfloat16",
         device="cuda", num_pages=max(batches) * (HISTORY // page + 1) + 64,
         max_batch_size=max(batches), max_seq_len=cfg.max_seq_len, verify_tokens=True,
+        copy_engines=not args.no_copy_engines,
         # a host tier as large as the GPU tier, for the onboarding table
         host_capacity_bytes=(max(batches) * (HISTORY // page + 1) + 64) * 8 * 2 * page * 4 * 256 * 2))
     rows, results, host_rows = [], [], []
@@ -205,7 +209,8 @@ def main():
     print("\nthe cached prefix on the host tier (onboarded layer by layer inside the timing):\n")
     print(table(["batch", "no cache ms", "cache (host tier) ms", "speedup", "onboarded/user"],
                 host_rows))
-    path = write_results("e2e_" + gpu_tag(), {
+    path = write_results("e2e_" + gpu_tag() + ("_kernel_copies" if args.no_copy_engines else ""), {
+        "copy_engines": not args.no_copy_engines,
         "workload": {"layers": 8, "d_model": 1024, "heads": 4, "head_dim": 256,
                      "dtype": "bfloat16", "history": HISTORY, "cached": HISTORY - NEW,
                      "candidates": CANDIDATES, "repeat": args.repeat,

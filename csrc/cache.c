@@ -616,6 +616,8 @@ static hkv_status check_config(const hkv_config *cfg)
                          HKV_EVENTS_MAX_CAPACITY, (int)cfg->event_capacity);
     if (cfg->offload_mode != HKV_OFFLOAD_LAZY && cfg->offload_mode != HKV_OFFLOAD_EAGER)
         return hkv_error(HKV_EINVAL, "offload_mode must be lazy (0) or eager (1)");
+    if (cfg->kernel_copies != 0 && cfg->kernel_copies != 1)
+        return hkv_error(HKV_EINVAL, "kernel_copies must be 0 or 1");
     if (cfg->early_reuse != 0 && cfg->early_reuse != 1)
         return hkv_error(HKV_EINVAL, "early_reuse must be 0 or 1");
     if (cfg->max_offload_bytes < 0)
@@ -760,7 +762,8 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
         if (c->xfer_a == NULL || c->xfer_b == NULL)
             st = hkv_error(HKV_ENOMEM, "out of host memory");
         if (st == HKV_OK)
-            st = hkv_xfer_init(&c->xfer, is_cuda(c), cfg.device_index, 4 * most + 64);
+            st = hkv_xfer_init(&c->xfer, is_cuda(c), cfg.device_index, 4 * most + 64,
+                               !cfg.kernel_copies);
     }
     const char *skip = getenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS");
     c->skip_waits = skip != NULL && atoi(skip) != 0;

@@ -53,6 +53,8 @@ typedef struct hkv_config {
     int64_t max_offload_bytes; /* offload bytes in flight; 0: default     */
     int32_t event_capacity;    /* records of the event ring (events.h);
                                   0: no events, no cost                    */
+    int32_t kernel_copies;     /* 1: transfers never use the copy engines
+                                  (transfer.h); 0: DMA for page runs       */
     int32_t early_reuse;       /* 1: a batch may read and continue a user's
                                   tokens that a batch in flight is still
                                   appending; 0: such a user is busy       */

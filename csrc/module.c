@@ -329,10 +329,11 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "device_index", "max_batch_size", "max_seq_len",
                              "max_batch_tokens", "verify_tokens",
                              "max_open_batches", "host_pages", "offload_mode",
-                             "max_offload_bytes", "event_capacity", "early_reuse", NULL};
+                             "max_offload_bytes", "event_capacity", "early_reuse",
+                             "kernel_copies", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLip", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLipp", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
@@ -341,7 +342,8 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                                      &cfg.max_batch_tokens, &cfg.verify_tokens,
                                      &cfg.max_open_batches, &cfg.host_pages,
                                      &cfg.offload_mode, &cfg.max_offload_bytes,
-                                     &cfg.event_capacity, &cfg.early_reuse))
+                                     &cfg.event_capacity, &cfg.early_reuse,
+                                     &cfg.kernel_copies))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");

@@ -16,7 +16,8 @@
 /* Runs shorter than this on average are spread over two streams. */
 #define SPLIT_RUN_BYTES (4 << 20)
 
-hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
+hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap,
+                         int copy_engines)
 {
     memset(x, 0, sizeof *x);
     x->cuda = cuda;
@@ -34,7 +35,7 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap)
         x->fail_next = atoi(colon ? colon + 1 : env);
     }
     env = getenv("HSTU_KVCACHE_DMA_MIN_BYTES");
-    x->dma_min_bytes = env ? atoll(env) : DEFAULT_DMA_MIN_BYTES;
+    x->dma_min_bytes = env ? atoll(env) : copy_engines ? DEFAULT_DMA_MIN_BYTES : 0;
     x->ring_cap = ring_cap;
     x->rec_cap = RECORDS;
     x->events_cap = RECORDS + 8;

@@ -107,7 +107,11 @@ typedef struct hkv_xfer {
     hkv_histogram onboard_latency, offload_latency;
 } hkv_xfer;
 
-hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap);
+/* copy_engines 0: every page by the copy kernel, the GPU's copy engines
+ * stay free for the caller's own copies (HSTU_KVCACHE_DMA_MIN_BYTES, when
+ * set, overrides either way). */
+hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap,
+                         int copy_engines);
 /* Waits for every transfer, then frees streams, events and the ring. */
 void hkv_xfer_destroy(hkv_xfer *x);
 

@@ -280,7 +280,8 @@ class KVCache:
             offload_mode=0 if config.offload_mode == "lazy" else 1,
             max_offload_bytes=config.max_offload_bytes,
             event_capacity=config.event_capacity,
-            early_reuse=config.early_reuse)
+            early_reuse=config.early_reuse,
+            kernel_copies=not config.copy_engines)
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)

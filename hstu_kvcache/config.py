@@ -112,6 +112,16 @@ class KVCacheConfig:
             (default) disables events at no cost.  65536 (3 MiB) holds a few
             seconds of a busy cache between drains; when the ring is full the
             oldest records are dropped and counted (``events_dropped``).
+        copy_engines: how tier transfers move pages on CUDA.  True
+            (default): runs of consecutive pages go by DMA on the GPU's copy
+            engines (97-99 % of the PCIe link on an H100), scattered pages
+            by a small copy kernel.  The model's own host<->device copies
+            issued while a transfer runs then queue behind it on the copy
+            engine (a synchronous ``tensor.to("cuda")`` in the forward waits
+            for the whole onboarding).  False: the copy kernel moves every
+            page (90-94 % of the link, on 32 SMs) and the copy engines stay
+            free for the model; faster end to end for a model that copies
+            during its forward (benchmarks/bench_e2e.py measures both).
         early_reuse: pipelined inference prepares batch N+1 while batch N
             still computes, and the same user can be in both.  With
             early_reuse (default) the tokens batch N is appending count as
@@ -140,6 +150,7 @@ class KVCacheConfig:
     max_offload_bytes: int = 0
     event_capacity: int = 0
     early_reuse: bool = True
+    copy_engines: bool = True
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -163,6 +174,8 @@ class KVCacheConfig:
         if self.max_batch_tokens is not None:
             set_(self, "max_batch_tokens",
                  _positive_int("max_batch_tokens", self.max_batch_tokens, 1, 2**30))
+        if not isinstance(self.copy_engines, bool):
+            raise InvalidArgumentError(f"copy_engines must be a bool, got {self.copy_engines!r}")
         if not isinstance(self.early_reuse, bool):
             raise InvalidArgumentError(f"early_reuse must be a bool, got {self.early_reuse!r}")
         if not isinstance(self.verify_tokens, bool):

@@ -323,3 +323,26 @@ def test_failed_onboard_on_gpu_leaves_the_host_copy(path, monkeypatch):
             assert torch.equal(kg, k[layer]) and torch.equal(vg, k[layer] + 1)
     check_path(gpu, path)
     gpu.check()
+
+
+@pytest.mark.parametrize("copy_engines", [True, False])
+def test_copy_engines_option(copy_engines, monkeypatch):
+    """copy_engines=False keeps every page on the copy kernel; True moves
+    runs of at least 1 MiB per layer by DMA; the bytes are the same."""
+    monkeypatch.delenv("HSTU_KVCACHE_DMA_MIN_BYTES", raising=False)
+    cpu, gpu, t_cpu, t_gpu = pair(num_pages=700, max_seq_len=4096, max_batch_size=2,
+                                  host_capacity_bytes=700 * 2 * 4096,
+                                  copy_engines=copy_engines)
+    gen = torch.Generator().manual_seed(11)
+    for _ in range(2):                            # 2048 tokens: 256 pages, 1 MiB a layer
+        serve_both(cpu, gpu, [1, 2], [2048, 40], gen)
+        for c in (cpu, gpu):
+            c.evict([1, 2], gpu=True, host=False, offload=True)
+        serve_both(cpu, gpu, [1, 2], [2048, 40], gen)
+        same_tables(t_cpu, t_gpu)
+        for c in (cpu, gpu):
+            c.evict([1, 2])
+    s = gpu.stats()
+    assert s["onboard_pages"] > 0
+    assert (s["dma_bytes"] > 0) == copy_engines
+    gpu.check()
