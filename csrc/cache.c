@@ -17,6 +17,7 @@
 #include <string.h>
 
 #include "async_queue.h"
+#include "disk_tier.h"
 #include "cuda_rt.h"
 #include "host_tier.h"
 #include "page_pool.h"
@@ -26,6 +27,8 @@
 
 #define DEFAULT_OPEN_BATCHES 8
 #define MAX_OPEN_BATCHES 1024
+/* iovecs of one disk record: one piece per layer */
+#define HKV_MAX_DISK_LAYERS 256
 /* Offload bytes in flight before eager offloads are deferred and
  * write-backs wait: about 40 ms of PCIe, two batches of 8 x 4096 tokens of
  * the standard model, so onboards queued behind never wait long. */
@@ -126,6 +129,24 @@ struct hkv_cache {
     uint8_t *scratch_trunc;
     int32_t *onb_host;               /* onboard pairs of one allocate      */
     int32_t *onb_gpu;
+    /* disk tier (NULL: none): see the "disk tier" section */
+    hkv_disk *disk;
+    int32_t *host_ix;                /* page index of each host page      */
+    int32_t *dq_page;                /* host pages waiting to be written:  */
+    int64_t *dq_user;                /* a ring of (page, user, index)      */
+    int32_t *dq_ix;
+    int32_t dq_head, dq_count, dq_cap;
+    int32_t *dt_page;                /* per disk ticket index: host page  */
+    int64_t *dt_user;
+    int32_t *dt_ix;
+    int8_t *dt_kind;                 /* 0 free, 1 write, 2 read running,
+                                        3 read done                       */
+    int8_t *dt_result;
+    uint64_t *disk_fps;              /* fingerprints of one user's pages  */
+    pthread_mutex_t stage_lock;      /* one disk stage-in at a time       */
+    int32_t *si_slot;                /* stage-in scratch, per batch entry */
+    int64_t *si_next, *si_need, *si_koff;
+    uint8_t *si_miss;
 };
 
 /* ------------------------------------------------------------------ */
@@ -159,6 +180,8 @@ static int has_host(const hkv_cache *c)
 static void fix_length(hkv_cache *c, hkv_user *u)
 {
     int64_t pages = u->num_pages > u->host_pages ? u->num_pages : u->host_pages;
+    if (u->disk_pages > pages)
+        pages = u->disk_pages;
     int64_t cover = pages * c->cfg.page_size;
     if (u->length > cover) {
         u->length = cover;
@@ -209,6 +232,13 @@ static void maybe_remove(hkv_cache *c, int32_t slot)
 
 static void reap_prefetch(hkv_cache *c, int all);
 static hkv_status finish_prefetch(hkv_cache *c, const hkv_user *u);
+static void disk_enqueue(hkv_cache *c, const hkv_user *u, int32_t page, int32_t index);
+static void disk_pump(hkv_cache *c);
+static const uint64_t *request_fingerprints(hkv_cache *c, const int64_t *keys, int64_t n);
+static int32_t disk_lookup_new_user(hkv_cache *c, int64_t user_id, int64_t length);
+static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                                const int64_t *cached_lengths, const uint64_t *epochs,
+                                const int64_t *token_keys, const int64_t *history_lengths);
 
 /* Batches and prefetches pin their users: never evicted, pages counted in
  * pinned_pages. */
@@ -233,18 +263,21 @@ static void unpin_user(hkv_cache *c, int32_t slot)
 static int evict_one_host_page(hkv_cache *c, int32_t exclude)
 {
     hkv_user_index *ix = &c->users;
-    for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
-         slot = ix->users[slot].lru_next) {
-        hkv_user *u = &ix->users[slot];
-        if (slot == exclude || u->pins > 0 || u->host_pages == 0 ||
-            c->host.pages[u->host_tail].pins > 0)
-            continue;
-        drop_host_tail(c, u);
-        fix_length(c, u);
-        c->stats.host_pages_evicted++;
-        maybe_remove(c, slot);
-        return 1;
-    }
+    /* first pass: tails the disk tier holds too (nothing is lost) */
+    for (int pass = c->disk != NULL ? 0 : 1; pass < 2; pass++)
+        for (int32_t slot = ix->lru_head; slot != HKV_NO_USER;
+             slot = ix->users[slot].lru_next) {
+            hkv_user *u = &ix->users[slot];
+            if (slot == exclude || u->pins > 0 || u->host_pages == 0 ||
+                c->host.pages[u->host_tail].pins > 0 ||
+                (pass == 0 && u->host_pages > u->disk_pages))
+                continue;
+            drop_host_tail(c, u);
+            fix_length(c, u);
+            c->stats.host_pages_evicted++;
+            maybe_remove(c, slot);
+            return 1;
+        }
     return 0;
 }
 
@@ -308,8 +341,10 @@ static int64_t offload_user(hkv_cache *c, int32_t slot, int must, hkv_status *st
             hkv_host_release(&c->host, c->xfer_b[i]);
         return 0;
     }
-    for (int64_t i = 0; i < n; i++)
+    for (int64_t i = 0; i < n; i++) {
         hkv_host_push(&c->host, u, c->xfer_b[i]);
+        disk_enqueue(c, u, c->xfer_b[i], u->host_pages - 1);
+    }
     hkv_events_emit(&c->events, HKV_EVENT_OFFLOADED, HKV_TIER_HOST, HKV_TIER_GPU,
                     u->id, u->host_pages - n, n);
     return n;
@@ -575,6 +610,68 @@ static hkv_status block_acquire(hkv_cache *c, hkv_batch **out)
 /* ------------------------------------------------------------------ */
 /* create / destroy                                                    */
 
+/* The disk tier below the host tier, and its bookkeeping. */
+static hkv_status disk_open(hkv_cache *c, const hkv_config *cfg)
+{
+    hkv_disk_config dc;
+    hkv_disk_config_default(&dc);
+    dc.dir = cfg->disk_dir;
+    dc.capacity_bytes = (uint64_t)cfg->disk_capacity_bytes;
+    dc.page_bytes = (uint64_t)hkv_page_bytes(&c->table) * (uint64_t)cfg->num_layers;
+    dc.admit_after = cfg->disk_admit_after;
+    dc.persist = cfg->disk_persist;
+    hkv_status st = hkv_disk_open(&dc, &c->disk);
+    if (st != HKV_OK)
+        return st;
+    size_t hp = (size_t)cfg->host_pages, tc = (size_t)hkv_disk_ticket_capacity(c->disk);
+    size_t bsz = (size_t)cfg->max_batch_size;
+    c->dq_cap = cfg->host_pages;
+    c->host_ix = calloc(hp, sizeof *c->host_ix);
+    c->dq_page = malloc(hp * sizeof *c->dq_page);
+    c->dq_user = malloc(hp * sizeof *c->dq_user);
+    c->dq_ix = malloc(hp * sizeof *c->dq_ix);
+    c->dt_page = malloc(tc * sizeof *c->dt_page);
+    c->dt_user = malloc(tc * sizeof *c->dt_user);
+    c->dt_ix = malloc(tc * sizeof *c->dt_ix);
+    c->dt_kind = calloc(tc, 1);
+    c->dt_result = calloc(tc, 1);
+    c->disk_fps = malloc((size_t)hkv_div_up(cfg->max_seq_len, cfg->page_size) *
+                         sizeof *c->disk_fps);
+    c->si_slot = malloc(bsz * sizeof *c->si_slot);
+    c->si_next = malloc(bsz * sizeof *c->si_next);
+    c->si_need = malloc(bsz * sizeof *c->si_need);
+    c->si_koff = malloc(bsz * sizeof *c->si_koff);
+    c->si_miss = malloc(bsz);
+    if (!c->host_ix || !c->dq_page || !c->dq_user || !c->dq_ix || !c->dt_page ||
+        !c->dt_user || !c->dt_ix || !c->dt_kind || !c->dt_result || !c->disk_fps ||
+        !c->si_slot || !c->si_next || !c->si_need || !c->si_koff || !c->si_miss)
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    return HKV_OK;
+}
+
+static void disk_free(hkv_cache *c)
+{
+    /* cancels queued I/O and waits for the running one: no host page is
+     * referenced by the store after this */
+    hkv_disk_close(c->disk);
+    c->disk = NULL;
+    free(c->host_ix);
+    free(c->dq_page);
+    free(c->dq_user);
+    free(c->dq_ix);
+    free(c->dt_page);
+    free(c->dt_user);
+    free(c->dt_ix);
+    free(c->dt_kind);
+    free(c->dt_result);
+    free(c->disk_fps);
+    free(c->si_slot);
+    free(c->si_next);
+    free(c->si_need);
+    free(c->si_koff);
+    free(c->si_miss);
+}
+
 static hkv_status check_config(const hkv_config *cfg)
 {
     if (cfg->num_layers < 1 || cfg->num_layers > 1024)
@@ -620,6 +717,16 @@ static hkv_status check_config(const hkv_config *cfg)
         return hkv_error(HKV_EINVAL, "kernel_copies must be 0 or 1");
     if (cfg->early_reuse != 0 && cfg->early_reuse != 1)
         return hkv_error(HKV_EINVAL, "early_reuse must be 0 or 1");
+    if (cfg->disk_dir != NULL && cfg->host_pages <= 0)
+        return hkv_error(HKV_EINVAL, "the disk tier sits below the host tier: give the "
+                         "cache a host tier too");
+    if (cfg->disk_dir != NULL && cfg->disk_capacity_bytes <= 0)
+        return hkv_error(HKV_EINVAL, "disk_capacity_bytes must be positive");
+    if (cfg->disk_admit_after < 0)
+        return hkv_error(HKV_EINVAL, "disk_admit_after must not be negative");
+    if (cfg->disk_dir != NULL && cfg->num_layers > HKV_MAX_DISK_LAYERS)
+        return hkv_error(HKV_EINVAL, "the disk tier takes at most %d layers",
+                         HKV_MAX_DISK_LAYERS);
     if (cfg->max_offload_bytes < 0)
         return hkv_error(HKV_EINVAL, "max_offload_bytes must not be negative");
     if ((int64_t)cfg->num_pages + cfg->host_pages + cfg->max_batch_size > (1LL << 29))
@@ -682,6 +789,11 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
     c->max_batch_pages = max_pages;
     c->max_blocks = cfg.max_open_batches;
     if (pthread_mutex_init(&c->lock, NULL) != 0) {
+        free(c);
+        return hkv_error(HKV_ENOMEM, "cannot create a mutex");
+    }
+    if (pthread_mutex_init(&c->stage_lock, NULL) != 0) {
+        pthread_mutex_destroy(&c->lock);
         free(c);
         return hkv_error(HKV_ENOMEM, "cannot create a mutex");
     }
@@ -769,6 +881,9 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
     c->skip_waits = skip != NULL && atoi(skip) != 0;
     if (st == HKV_OK)
         st = hkv_events_init(&c->events, cfg.event_capacity);
+    if (st == HKV_OK && cfg.disk_dir != NULL)
+        st = disk_open(c, &cfg);
+    c->cfg.disk_dir = NULL;  /* the caller's string: not kept */
     if (st != HKV_OK)
         goto fail;
     c->table.base = c->table_buf->ptr;
@@ -807,6 +922,7 @@ void hkv_cache_destroy(hkv_cache *c)
         free(ps->layer_events);
         free(ps->slots);
     }
+    disk_free(c);
     hkv_host_tier_free_all(&c->host);
     free(c->xfer_a);
     free(c->xfer_b);
@@ -825,6 +941,7 @@ void hkv_cache_destroy(hkv_cache *c)
     free(c->onb_gpu);
     hkv_events_free(&c->events);
     pthread_mutex_destroy(&c->lock);
+    pthread_mutex_destroy(&c->stage_lock);
     free(c);
 }
 
@@ -870,7 +987,16 @@ static int64_t cached_prefix(hkv_cache *c, const hkv_user *u, int64_t length,
         g = hkv_filter_match(&c->filter, c->pool.pages, u->head_page, keys, g);
         if (h > g)
             h = hkv_filter_match(&c->host.keys, c->host.pages, u->host_head, keys, h);
-        n = g > h ? g : h;
+        int64_t m = g > h ? g : h;
+        /* pages only the disk holds: their records carry the chained
+         * fingerprint of the keys, checked page by page */
+        int64_t top = u->num_pages > u->host_pages ? u->num_pages : u->host_pages;
+        if (c->disk != NULL && m == top * ps && u->disk_pages > top && n > m) {
+            int64_t full = n / ps;
+            const uint64_t *fps = request_fingerprints(c, keys, full);
+            m += ps * hkv_disk_count_run(c->disk, u->id, top, fps + top, full - top);
+        }
+        n = m < n ? m : n;
     }
     return n;
 }
@@ -890,6 +1016,8 @@ hkv_status hkv_cache_lookup(hkv_cache *c, int32_t batch, const int64_t *user_ids
     uint64_t hit = 0, missed = 0;
     for (int32_t b = 0; b < batch; b++) {
         int32_t slot = hkv_user_find(&c->users, user_ids[b]);
+        if (slot == HKV_NO_USER)
+            slot = disk_lookup_new_user(c, user_ids[b], history_lengths[b]);
         int64_t cached = 0;
         uint64_t epoch = 0;
         if (slot != HKV_NO_USER) {
@@ -1115,15 +1243,26 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         return hkv_error(HKV_EINVAL, "allocate needs the cached lengths and "
                          "epochs of a lookup");
     uint64_t t0 = hkv_now_ns();
+    hkv_status st = HKV_OK;
+    if (c->disk != NULL) {
+        pthread_mutex_lock(&c->lock);
+        st = check_batch(c, batch, user_ids, history_lengths, token_keys, num_keys);
+        pthread_mutex_unlock(&c->lock);
+        if (st == HKV_OK)
+            st = disk_stage_in(c, batch, user_ids, cached_lengths, epochs, token_keys,
+                               history_lengths);
+        if (st != HKV_OK)
+            return st;
+    }
     pthread_mutex_lock(&c->lock);
-    hkv_status st = check_batch(c, batch, user_ids, history_lengths, token_keys,
-                                num_keys);
+    st = check_batch(c, batch, user_ids, history_lengths, token_keys, num_keys);
     if (st == HKV_OK && has_host(c))
         st = hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
     if (st != HKV_OK)
         goto out;
     if (is_cuda(c))
         reap_prefetch(c, 0);
+    disk_pump(c);
 
     /* Pass 1: check every user and count pages, changing nothing. */
     int64_t need = 0, freed = 0, unpinned_kept = 0, new_tokens = 0, rows = 0;
@@ -1204,6 +1343,12 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         }
         if (onb < keep)
             onb = keep;
+        if (onb > keep && u != NULL && onb > u->host_pages && u->disk_pages >= onb) {
+            st = hkv_error(HKV_EBUSY, "user %lld: its cached pages are on the disk tier "
+                           "while another batch holds the user; finish that batch first",
+                           (long long)user_ids[b]);
+            goto out;
+        }
         if (onb > keep && (u == NULL || onb > u->host_pages)) {
             st = hkv_error(HKV_ESTATE, "internal: user %lld has %lld cached tokens but "
                            "neither tier holds page %lld", (long long)user_ids[b],
@@ -1272,6 +1417,16 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         bt->user_slots[b] = slot;
         pin_user(c, u);
         hkv_user_touch(&c->users, slot);
+        if (c->disk != NULL && !u->disk_admitted) {
+            u->disk_admitted = c->cfg.disk_admit_after == 0 ||
+                               hkv_disk_offer(c->disk, u->id) >= c->cfg.disk_admit_after;
+            /* admitted now: the pages already on the host go to disk too */
+            int32_t ix = 0;
+            for (int32_t p = u->host_head; u->disk_admitted && p != HKV_NO_PAGE;
+                 p = c->host.pages[p].next, ix++)
+                if (ix >= u->disk_pages)
+                    disk_enqueue(c, u, p, ix);
+        }
         if (u->prefetch > bt->dep_seq) {
             /* its pages are still coming in: wait for that copy too */
             bt->dep_seq = u->prefetch;
@@ -1284,6 +1439,12 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
             if (u->length > cached_lengths[b])
                 hkv_user_new_epoch(&c->users, u);
             u->length = u->reserved = cached_lengths[b];
+            int64_t keep_disk = cached_lengths[b] / c->cfg.page_size;
+            if (c->disk != NULL && u->disk_pages > keep_disk) {
+                /* records past the rewritten token hold the old history */
+                hkv_disk_drop_user(c->disk, u->id, keep_disk);
+                u->disk_pages = (int32_t)keep_disk;
+            }
         }
     }
     /* Pass 3: GPU pages for what is onboarded and for the new tokens.
@@ -2008,6 +2169,10 @@ static void evict_user(hkv_cache *c, int32_t slot, int32_t tiers, int32_t offloa
     if ((tiers & HKV_TIER_HOST) && has_host(c))
         while (u->host_pages > 0)
             drop_host_tail(c, u);
+    if ((tiers & HKV_TIER_DISK) && c->disk != NULL) {
+        hkv_disk_drop_user(c->disk, u->id, 0);
+        u->disk_pages = 0;
+    }
     fix_length(c, u);
     maybe_remove(c, slot);
 }
@@ -2045,6 +2210,8 @@ hkv_status hkv_cache_evict(hkv_cache *c, int32_t count, const int64_t *user_ids,
         int32_t slot = hkv_user_find(&c->users, user_ids[i]);
         if (slot != HKV_NO_USER)
             evict_user(c, slot, tiers, offload);
+        else if ((tiers & HKV_TIER_DISK) && c->disk != NULL)
+            hkv_disk_drop_user(c->disk, user_ids[i], 0);  /* only on disk */
     }
 out:
     pthread_mutex_unlock(&c->lock);
@@ -2070,6 +2237,335 @@ int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *
     }
     pthread_mutex_unlock(&c->lock);
     return n;
+}
+
+/* ------------------------------------------------------------------ */
+/* disk tier                                                           */
+
+/*
+ * The disk tier (disk_tier.h) sits below the host tier and, like the other
+ * tiers, holds a prefix of a user's pages (u->disk_pages of them, as far as
+ * the cache knows; the store's answer on a read is the truth).
+ *
+ * Writes are write-through: once a page of an admitted user lands on the
+ * host tier and its offload copy has completed, it is queued to the
+ * store's I/O threads, its host page pinned until the write is done.  So
+ * host eviction (which prefers pages the disk holds) never waits for I/O.
+ * Reads happen when an allocation needs pages only the disk holds: they
+ * land in fresh host pages, then the usual host -> GPU onboarding follows.
+ * A read that fails its check drops the user's records from that page on
+ * and makes the allocation stale: the caller looks up again and recomputes
+ * those tokens.  Users that no tier above the disk holds leave the index;
+ * lookup finds them on disk again.
+ */
+
+static void disk_enqueue(hkv_cache *c, const hkv_user *u, int32_t page, int32_t index)
+{
+    if (c->disk == NULL)
+        return;
+    c->host_ix[page] = index;
+    if (!u->disk_admitted || index < u->disk_pages ||
+        c->dq_count == c->dq_cap)
+        return;
+    int32_t at = (c->dq_head + c->dq_count++) % c->dq_cap;
+    c->dq_page[at] = page;
+    c->dq_user[at] = u->id;
+    c->dq_ix[at] = index;
+}
+
+/* The user slot that still holds host page `page` as its page `index`. */
+static int32_t host_page_holder(hkv_cache *c, int32_t page, int64_t user_id, int32_t index)
+{
+    int32_t owner = c->host.pages[page].owner;
+    if (owner < 0 || c->host_ix[page] != index)
+        return HKV_NO_USER;
+    const hkv_user *u = &c->users.users[owner];
+    return u->in_use && u->id == user_id && u->host_pages > index ? owner : HKV_NO_USER;
+}
+
+static void disk_iov(hkv_cache *c, int32_t page, struct iovec *iov)
+{
+    const int64_t pb = hkv_page_bytes(&c->table);
+    char *base = c->host.table->ptr;
+    for (int32_t l = 0; l < c->cfg.num_layers; l++) {
+        iov[l].iov_base = base + ((int64_t)l * c->host.num_pages + page) * pb;
+        iov[l].iov_len = (size_t)pb;
+    }
+}
+
+/* A page's fingerprint for the store: the chained fingerprint of its keys
+ * in verified mode (a record then also proves the history before it),
+ * 0 in trust mode. */
+static uint64_t host_page_fingerprint(const hkv_cache *c, int32_t page)
+{
+    return c->cfg.verify_tokens ? c->host.keys.fingerprints[page] : 0;
+}
+
+/*
+ * Collect finished disk I/O without blocking (writes: unpin the host page,
+ * extend the user's disk prefix; reads: note the result for the
+ * allocation waiting for it), then queue the writes whose host pages are
+ * complete.
+ */
+static void disk_pump(hkv_cache *c)
+{
+    if (c->disk == NULL)
+        return;
+    uint64_t tickets[64];
+    hkv_disk_result results[64];
+    int n;
+    while ((n = hkv_disk_poll(c->disk, tickets, results, 64)) > 0)
+        for (int i = 0; i < n; i++) {
+            int32_t t = hkv_disk_ticket_index(tickets[i]);
+            if (c->dt_kind[t] == 2) {
+                c->dt_kind[t] = 3;
+                c->dt_result[t] = (int8_t)results[i];
+                continue;
+            }
+            if (c->dt_kind[t] != 1)
+                continue;
+            c->dt_kind[t] = 0;
+            hkv_host_unpin(&c->host, c->dt_page[t]);
+            if (results[i] != HKV_DISK_DONE) {
+                c->stats.disk_write_failures++;
+                continue;
+            }
+            c->stats.disk_writes++;
+            int32_t slot = hkv_user_find(&c->users, c->dt_user[t]);
+            if (slot == HKV_NO_USER)
+                continue;
+            hkv_user *u = &c->users.users[slot];
+            if (c->dt_ix[t] == u->disk_pages)
+                u->disk_pages += (int32_t)hkv_disk_count_run(
+                    c->disk, u->id, u->disk_pages, NULL,
+                    hkv_div_up(c->cfg.max_seq_len, c->cfg.page_size));
+        }
+    /* queued pages whose offload copy is done go to the I/O threads */
+    struct iovec iov[HKV_MAX_DISK_LAYERS];
+    while (c->dq_count > 0) {
+        int32_t at = c->dq_head;
+        int32_t page = c->dq_page[at], index = c->dq_ix[at];
+        int64_t user_id = c->dq_user[at];
+        if (host_page_holder(c, page, user_id, index) != HKV_NO_USER) {
+            if (c->host.writes[page] > 0)
+                break;  /* its copy from the GPU is still in flight */
+            uint64_t ticket;
+            disk_iov(c, page, iov);
+            hkv_status st = hkv_disk_write(c->disk, user_id, index,
+                                           host_page_fingerprint(c, page),
+                                           (uint32_t)c->cfg.page_size, iov,
+                                           c->cfg.num_layers, &ticket);
+            if (st == HKV_EBUSY)
+                break;  /* the store is busy: later */
+            if (st == HKV_OK) {
+                int32_t t = hkv_disk_ticket_index(ticket);
+                c->host.pages[page].pins++;
+                c->dt_kind[t] = 1;
+                c->dt_page[t] = page;
+                c->dt_user[t] = user_id;
+                c->dt_ix[t] = index;
+            } else {
+                c->stats.disk_write_failures++;
+            }
+        }
+        c->dq_head = (c->dq_head + 1) % c->dq_cap;
+        c->dq_count--;
+    }
+}
+
+/* Fingerprints of pages 0..n-1 of a request's history (verified mode). */
+static const uint64_t *request_fingerprints(hkv_cache *c, const int64_t *keys, int64_t n)
+{
+    if (keys == NULL)
+        return NULL;
+    uint64_t fp = 0;
+    for (int64_t i = 0; i < n; i++) {
+        fp = hkv_fingerprint(fp, keys + i * c->cfg.page_size, c->cfg.page_size);
+        c->disk_fps[i] = fp;
+    }
+    return c->disk_fps;
+}
+
+/*
+ * Lookup of a user the index does not hold: its pages may be on disk (it
+ * left the upper tiers, or the cache was reopened with persist).  Adds it
+ * to the index when they are, so the allocation that follows finds it.
+ */
+static int32_t disk_lookup_new_user(hkv_cache *c, int64_t user_id, int64_t length)
+{
+    if (c->disk == NULL || length < c->cfg.page_size)
+        return HKV_NO_USER;
+    /* what the disk holds (the request's keys are matched afterwards,
+     * like for any user, by cached_prefix) */
+    int64_t d = hkv_disk_count_run(c->disk, user_id, 0, NULL,
+                                   hkv_div_up(c->cfg.max_seq_len, c->cfg.page_size));
+    if (d <= 0)
+        return HKV_NO_USER;
+    int32_t slot = hkv_user_find_or_add(&c->users, user_id);
+    if (slot == HKV_NO_USER)
+        return HKV_NO_USER;  /* the index is full: a miss, never wrong */
+    hkv_user *u = &c->users.users[slot];
+    u->disk_pages = (int32_t)d;
+    u->length = u->reserved = d * c->cfg.page_size;
+    u->disk_admitted = 1;
+    return slot;
+}
+
+/* The read of the user's page `index` that has completed, or -1. */
+static int32_t done_read(hkv_cache *c, int64_t user_id, int64_t index)
+{
+    for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++)
+        if (c->dt_kind[t] == 3 && c->dt_user[t] == user_id && c->dt_ix[t] == index)
+            return t;
+    return -1;
+}
+
+/*
+ * Before an allocation: bring the pages of its cached prefixes that only
+ * the disk holds to the host tier.  Reads run on the store's threads while
+ * the cache is unlocked (the users are pinned meanwhile), at most the
+ * store's max_in_flight at a time; pages join the host chain in order.  A
+ * read that misses drops the user's records from that page on and
+ * shortens its cached length (new epoch): the allocation then fails as
+ * stale and the caller recomputes those tokens.
+ */
+static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user_ids,
+                                const int64_t *cached_lengths, const uint64_t *epochs,
+                                const int64_t *token_keys, const int64_t *history_lengths)
+{
+    if (c->disk == NULL)
+        return HKV_OK;
+    const int32_t ps = c->cfg.page_size;
+    struct iovec iov[HKV_MAX_DISK_LAYERS];
+    /* One stage-in at a time (its scratch arrays; the cache lock is
+     * released while reads run).  Lock order: stage_lock, then lock. */
+    pthread_mutex_lock(&c->stage_lock);
+    pthread_mutex_lock(&c->lock);
+    disk_pump(c);
+    /* per user: slot (pinned here), next page to submit, pages needed,
+     * key offset, whether a read missed */
+    int users = 0;
+    int64_t key_off = 0;
+    for (int32_t b = 0; b < batch; b++) {
+        int64_t koff = key_off;
+        key_off += history_lengths[b];
+        c->si_slot[b] = HKV_NO_USER;
+        int32_t slot = hkv_user_find(&c->users, user_ids[b]);
+        if (slot == HKV_NO_USER || cached_lengths[b] <= 0)
+            continue;
+        hkv_user *u = &c->users.users[slot];
+        int64_t need = hkv_div_up(cached_lengths[b], ps);
+        if (u->epoch != epochs[b] || need <= u->num_pages || need <= u->host_pages ||
+            u->pins > 0 || need > u->disk_pages)
+            continue;  /* nothing to read here (allocate sorts out the rest) */
+        pin_user(c, u);
+        c->si_slot[b] = slot;
+        c->si_next[b] = u->host_pages;
+        c->si_need[b] = need;
+        c->si_koff[b] = koff;
+        c->si_miss[b] = 0;   /* 1 once a read missed */
+        users++;
+    }
+    int64_t missed_user = -1, missed_page = -1;
+    while (users > 0) {
+        for (int32_t b = 0; b < batch; b++) {
+            int32_t slot = c->si_slot[b];
+            if (slot == HKV_NO_USER)
+                continue;
+            hkv_user *u = &c->users.users[slot];
+            const uint64_t *fps = token_keys != NULL
+                ? request_fingerprints(c, token_keys + c->si_koff[b], c->si_need[b])
+                : NULL;
+            /* submit what the store takes */
+            while (!c->si_miss[b] && c->si_next[b] < c->si_need[b]) {
+                int64_t i = c->si_next[b];
+                int32_t hp = hkv_host_alloc(&c->host, slot);
+                while (hp == HKV_NO_PAGE && evict_one_host_page(c, slot))
+                    hp = hkv_host_alloc(&c->host, slot);
+                if (hp == HKV_NO_PAGE) {
+                    c->si_miss[b] = 1;   /* no host room: treat as a miss */
+                    break;
+                }
+                uint64_t ticket;
+                disk_iov(c, hp, iov);
+                hkv_status st = hkv_disk_read(c->disk, u->id, i, fps ? fps[i] : 0, iov,
+                                              c->cfg.num_layers, &ticket);
+                if (st != HKV_OK) {
+                    hkv_host_release(&c->host, hp);
+                    if (st != HKV_EBUSY)
+                        c->si_miss[b] = 1;
+                    break;
+                }
+                if (fps != NULL) {
+                    memcpy(c->host.keys.keys + (int64_t)hp * ps,
+                           token_keys + c->si_koff[b] + i * ps, (size_t)ps * sizeof(int64_t));
+                    c->host.keys.fingerprints[hp] = fps[i];
+                }
+                int32_t t = hkv_disk_ticket_index(ticket);
+                c->dt_kind[t] = 2;
+                c->dt_page[t] = hp;
+                c->dt_user[t] = u->id;
+                c->dt_ix[t] = (int32_t)i;
+                c->si_next[b] = i + 1;
+            }
+            /* take finished reads in page order; after a miss, drop */
+            for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++) {
+                if (c->dt_user[t] != u->id || (c->dt_kind[t] != 2 && c->dt_kind[t] != 3))
+                    continue;
+                if (c->dt_kind[t] == 3 && c->si_miss[b]) {
+                    c->dt_kind[t] = 0;
+                    hkv_host_release(&c->host, c->dt_page[t]);
+                }
+            }
+            for (int32_t t; !c->si_miss[b] &&
+                            (t = done_read(c, u->id, u->host_pages)) >= 0;) {
+                c->dt_kind[t] = 0;
+                int32_t hp = c->dt_page[t];
+                if (c->dt_result[t] == HKV_DISK_DONE) {
+                    hkv_host_push(&c->host, u, hp);
+                    c->host_ix[hp] = u->host_pages - 1;
+                    c->stats.disk_reads++;
+                    continue;
+                }
+                hkv_host_release(&c->host, hp);
+                c->si_miss[b] = 1;
+            }
+            int done = c->si_miss[b] || u->host_pages >= c->si_need[b];
+            int mine = 0;
+            for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++)
+                mine += (c->dt_kind[t] == 2 || c->dt_kind[t] == 3) && c->dt_user[t] == u->id;
+            if (done && mine == 0) {
+                if (c->si_miss[b]) {
+                    /* the record of the first page not taken failed its
+                     * check (or could not be read): drop it and the rest */
+                    int64_t miss = u->host_pages;
+                    c->stats.disk_read_misses++;
+                    hkv_disk_drop_user(c->disk, u->id, miss);
+                    if (u->disk_pages > miss)
+                        u->disk_pages = (int32_t)miss;
+                    fix_length(c, u);
+                    missed_user = u->id;
+                    missed_page = miss;
+                }
+                c->si_slot[b] = HKV_NO_USER;
+                unpin_user(c, slot);
+                users--;
+            }
+        }
+        if (users == 0)
+            break;
+        pthread_mutex_unlock(&c->lock);
+        hkv_disk_wait_any(c->disk, 1000000);  /* a completion, or 1 ms */
+        pthread_mutex_lock(&c->lock);
+        disk_pump(c);
+    }
+    pthread_mutex_unlock(&c->lock);
+    pthread_mutex_unlock(&c->stage_lock);
+    if (missed_user >= 0)
+        return hkv_error(HKV_ESTALE, "a disk record of user %lld (page %lld) failed its "
+                         "check or could not be read and was dropped; look the batch up "
+                         "again", (long long)missed_user, (long long)missed_page);
+    return HKV_OK;
 }
 
 /* ------------------------------------------------------------------ */
@@ -2260,16 +2756,22 @@ out:
 }
 
 void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
-                          int64_t *host_tokens)
+                          int64_t *host_tokens, int64_t *disk_tokens)
 {
     pthread_mutex_lock(&c->lock);
+    disk_pump(c);
     int32_t slot = hkv_user_find(&c->users, user_id);
-    *gpu_tokens = *host_tokens = 0;
+    *gpu_tokens = *host_tokens = *disk_tokens = 0;
     if (slot != HKV_NO_USER) {
         const hkv_user *u = &c->users.users[slot];
         int64_t g = (int64_t)u->num_pages * c->cfg.page_size;
         *gpu_tokens = u->length < g ? u->length : g;
         *host_tokens = (int64_t)u->host_pages * c->cfg.page_size;
+        *disk_tokens = (int64_t)u->disk_pages * c->cfg.page_size;
+    } else if (c->disk != NULL) {
+        *disk_tokens = c->cfg.page_size *
+                       hkv_disk_count_run(c->disk, user_id, 0, NULL,
+                                          hkv_div_up(c->cfg.max_seq_len, c->cfg.page_size));
     }
     pthread_mutex_unlock(&c->lock);
 }
@@ -2286,6 +2788,12 @@ hkv_status hkv_cache_sync_transfers(hkv_cache *c)
     }
     if (st == HKV_OK && is_cuda(c))
         reap_prefetch(c, 1);  /* their copies were records too: all done */
+    if (st == HKV_OK && c->disk != NULL) {
+        /* pages whose copies just finished go to disk; wait for them */
+        disk_pump(c);
+        hkv_disk_drain(c->disk);
+        disk_pump(c);
+    }
     pthread_mutex_unlock(&c->lock);
     return st;
 }
@@ -2313,6 +2821,17 @@ void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
         c->stats.offload_backpressure_waits = c->xfer.backpressure_waits;
         c->stats.dma_bytes = c->xfer.dma_bytes;
         c->stats.kernel_bytes = c->xfer.kernel_bytes;
+        if (c->disk != NULL) {
+            disk_pump(c);
+            hkv_disk_stats ds;
+            hkv_disk_get_stats(c->disk, &ds);
+            c->stats.disk_records = ds.records;
+            c->stats.disk_bytes_used = (int64_t)ds.bytes_used;
+            c->stats.disk_bytes_capacity = (int64_t)ds.capacity_bytes;
+            c->stats.disk_in_flight = ds.in_flight;
+            c->stats.checksum_failures = ds.checksum_failures;
+            c->stats.disk_io_errors = ds.io_errors;
+        }
         c->stats.onboard_ns = c->xfer.onboard_ns;
         c->stats.offload_ns = c->xfer.offload_ns;
         c->stats.onboard_latency = c->xfer.onboard_latency;
@@ -2398,7 +2917,8 @@ static hkv_status check_locked(hkv_cache *c)
         int gpu_ok = u->filling ? u->num_pages == pages_for(c, u->reserved)
                                 : u->num_pages <= pages_for(c, u->length) &&
                                       (u->num_pages == pages_for(c, u->length) ||
-                                       (int64_t)u->host_pages * ps == u->length);
+                                       (int64_t)u->host_pages * ps == u->length ||
+                                       (int64_t)u->disk_pages * ps >= u->length);
         if (u->length > u->reserved || !gpu_ok ||
             (int64_t)u->host_pages * ps > u->length)
             return hkv_error(HKV_ESTATE, "user %lld: length %lld, reserved %lld, "

@@ -55,6 +55,12 @@ typedef struct hkv_config {
                                   0: no events, no cost                    */
     int32_t kernel_copies;     /* 1: transfers never use the copy engines
                                   (transfer.h); 0: DMA for page runs       */
+    const char *disk_dir;      /* directory of the disk tier; NULL: none.
+                                  Read at create only.                    */
+    int64_t disk_capacity_bytes;
+    int32_t disk_persist;      /* 1: records survive close and reopen     */
+    int32_t disk_admit_after;  /* requests of a user before its pages are
+                                  written to disk; 0: at once             */
     int32_t early_reuse;       /* 1: a batch may read and continue a user's
                                   tokens that a batch in flight is still
                                   appending; 0: such a user is busy       */
@@ -98,6 +104,12 @@ typedef struct hkv_stats {
     uint64_t onboard_ns;         /* time of onboard transfers (see below)   */
     uint64_t offload_ns;         /* time of offload transfers               */
     uint64_t events_dropped;     /* event records overwritten undrained     */
+    uint64_t disk_writes;        /* pages written to the disk tier          */
+    uint64_t disk_write_failures;/* not admitted, no space, I/O error       */
+    uint64_t disk_reads;         /* pages read back (disk -> host)          */
+    uint64_t disk_read_misses;   /* reads that found no valid record        */
+    uint64_t checksum_failures;  /* records dropped by a failed check       */
+    uint64_t disk_io_errors;
     /* gauges */
     int64_t pages_total;
     int64_t pages_free;
@@ -111,6 +123,10 @@ typedef struct hkv_stats {
     int64_t transfers_in_flight;
     int64_t offload_queued_bytes; /* offload bytes queued, not yet done     */
     int64_t events_pending;      /* event records waiting for a drain       */
+    int64_t disk_records;        /* pages on the disk tier                  */
+    int64_t disk_bytes_used;
+    int64_t disk_bytes_capacity;
+    int64_t disk_in_flight;      /* disk reads and writes not yet done      */
     /* latency of the host-side calls */
     hkv_histogram lookup_latency;
     hkv_histogram allocate_latency;
@@ -283,7 +299,7 @@ hkv_status hkv_cache_read_user(hkv_cache *c, int64_t user_id, int32_t layer,
                                void *stream, int64_t *length);
 
 /* Which tiers an eviction empties. */
-enum { HKV_TIER_GPU = 1, HKV_TIER_HOST = 2, HKV_TIER_ALL = 3 };
+enum { HKV_TIER_GPU = 1, HKV_TIER_HOST = 2, HKV_TIER_DISK = 4, HKV_TIER_ALL = 7 };
 
 /* Drop users' cached pages from the given tiers (HKV_TIER_*).  Users in open
  * batches fail with HKV_EBUSY (checked for all before any is dropped).
@@ -308,9 +324,10 @@ int64_t hkv_cache_evict_all(hkv_cache *c, int32_t tiers, int32_t offload, void *
 hkv_status hkv_cache_prefetch(hkv_cache *c, int32_t count, const int64_t *user_ids,
                               void *stream, int32_t *started);
 
-/* Tokens of a user cached on the GPU tier and on the host tier. */
+/* Tokens of a user cached on the GPU tier, the host tier and (as far as
+ * the cache knows) the disk tier; each tier holds a prefix. */
 void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
-                          int64_t *host_tokens);
+                          int64_t *host_tokens, int64_t *disk_tokens);
 
 /* Wait for every transfer in flight (blocking) and release their pins. */
 hkv_status hkv_cache_sync_transfers(hkv_cache *c);

@@ -330,10 +330,11 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "max_batch_tokens", "verify_tokens",
                              "max_open_batches", "host_pages", "offload_mode",
                              "max_offload_bytes", "event_capacity", "early_reuse",
-                             "kernel_copies", NULL};
+                             "kernel_copies", "disk_dir", "disk_capacity_bytes",
+                             "disk_persist", "disk_admit_after", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLipp", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLippzLpi", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
@@ -343,7 +344,9 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                                      &cfg.max_open_batches, &cfg.host_pages,
                                      &cfg.offload_mode, &cfg.max_offload_bytes,
                                      &cfg.event_capacity, &cfg.early_reuse,
-                                     &cfg.kernel_copies))
+                                     &cfg.kernel_copies, &cfg.disk_dir,
+                                     &cfg.disk_capacity_bytes, &cfg.disk_persist,
+                                     &cfg.disk_admit_after))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");
@@ -700,9 +703,9 @@ static PyObject *Cache_user_tiers(CacheObject *self, PyObject *args)
     long long uid;
     if (!PyArg_ParseTuple(args, "L", &uid) || !cache_ready(self))
         return NULL;
-    int64_t g, h;
-    WITHOUT_GIL(self, hkv_cache_user_tiers(self->cache, uid, &g, &h));
-    return Py_BuildValue("(LL)", (long long)g, (long long)h);
+    int64_t g, h, d;
+    WITHOUT_GIL(self, hkv_cache_user_tiers(self->cache, uid, &g, &h, &d));
+    return Py_BuildValue("(LLL)", (long long)g, (long long)h, (long long)d);
 }
 
 static PyObject *Cache_sync_transfers(CacheObject *self, PyObject *unused)
@@ -842,7 +845,9 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(host_pages_used) ITEM(transfers_in_flight) ITEM(offload_queued_bytes)
     ITEM(offloads_deferred) ITEM(offload_backpressure_waits) ITEM(dma_bytes)
     ITEM(kernel_bytes) ITEM(prefetch_users) ITEM(prefetch_pages) ITEM(prefetch_dropped) ITEM(events_dropped)
-    ITEM(events_pending)
+    ITEM(events_pending) ITEM(disk_writes) ITEM(disk_write_failures) ITEM(disk_reads)
+    ITEM(disk_read_misses) ITEM(checksum_failures) ITEM(disk_io_errors)
+    ITEM(disk_records) ITEM(disk_bytes_used) ITEM(disk_bytes_capacity) ITEM(disk_in_flight)
 #undef ITEM
     if (put_float(d, "onboard_seconds", (double)s.onboard_ns * 1e-9) != 0 ||
         put_float(d, "offload_seconds", (double)s.offload_ns * 1e-9) != 0) {
@@ -886,7 +891,7 @@ static PyMethodDef Cache_methods[] = {
     {"evict_all", (PyCFunction)Cache_evict_all, METH_VARARGS,
      "evict_all(tiers, offload, stream) -> users touched"},
     {"user_tiers", (PyCFunction)Cache_user_tiers, METH_VARARGS,
-     "user_tiers(user_id) -> (gpu tokens, host tokens)"},
+     "user_tiers(user_id) -> (gpu tokens, host tokens, disk tokens)"},
     {"sync_transfers", (PyCFunction)Cache_sync_transfers, METH_NOARGS,
      "Wait for every transfer in flight."},
     {"check", (PyCFunction)Cache_check, METH_NOARGS, "Check internal invariants."},
@@ -1216,6 +1221,7 @@ PyMODINIT_FUNC PyInit__C(void)
         {"EVENT_STORED", HKV_EVENT_STORED}, {"EVENT_REMOVED", HKV_EVENT_REMOVED},
         {"EVENT_ONBOARDED", HKV_EVENT_ONBOARDED}, {"EVENT_OFFLOADED", HKV_EVENT_OFFLOADED},
         {"TIER_GPU", HKV_TIER_GPU}, {"TIER_HOST", HKV_TIER_HOST},
+        {"TIER_DISK", HKV_TIER_DISK},
         {"EVENTS_MAX_CAPACITY", HKV_EVENTS_MAX_CAPACITY}};
     for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
         if (PyModule_AddIntConstant(m, codes[i].name, codes[i].value) < 0) {

@@ -128,6 +128,8 @@ int32_t hkv_user_find_or_add(hkv_user_index *ix, int64_t id)
     u->fill_batch = NULL;
     u->fill_gen = 0;
     u->prefetch = 0;
+    u->disk_pages = 0;
+    u->disk_admitted = 0;
     u->in_use = 1;
     hkv_user_new_epoch(ix, u);
     ix->table[i] = slot;

@@ -47,6 +47,8 @@ typedef struct hkv_user {
     int32_t lru_next;
     int32_t in_use;     /* slot holds a user                               */
     uint64_t prefetch;  /* seq of a prefetch still copying pages in, or 0  */
+    int32_t disk_pages; /* leading pages known to be on the disk tier      */
+    int32_t disk_admitted; /* requests seen reached disk_admit_after      */
 } hkv_user;
 
 typedef struct hkv_user_index {

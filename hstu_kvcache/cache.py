@@ -281,7 +281,9 @@ class KVCache:
             max_offload_bytes=config.max_offload_bytes,
             event_capacity=config.event_capacity,
             early_reuse=config.early_reuse,
-            kernel_copies=not config.copy_engines)
+            kernel_copies=not config.copy_engines,
+            disk_dir=config.disk_dir, disk_capacity_bytes=config.disk_capacity_bytes,
+            disk_persist=config.disk_persist, disk_admit_after=config.disk_admit_after)
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)
@@ -465,14 +467,16 @@ class KVCache:
 
     # -- eviction / stats ---------------------------------------------------
     def evict(self, user_ids: IntArray, gpu: bool = True, host: bool = True,
-              offload: bool = False, stream: Any = None) -> None:
-        """Drop these users' cached K/V from the GPU tier and/or the host tier.
+              offload: bool = False, stream: Any = None,
+              disk: Optional[bool] = None) -> None:
+        """Drop these users' cached K/V from the GPU tier and/or the host tier
+        (and the disk tier: by default when both others are dropped).
 
         With ``offload=True`` (and a host tier) GPU pages are written back to
         the host tier before they are dropped, so the users stay cached.
         Unknown users are ignored; users in an open batch raise
         CacheBusyError (and nobody is dropped)."""
-        tiers = self._tiers(gpu, host)
+        tiers = self._tiers(gpu, host, disk)
         handle = current_stream(self.config.device_kind, self.config.device_index, stream)
         self._native.evict(int64_array(user_ids, "user_ids"), tiers, bool(offload), handle)
 
@@ -498,15 +502,22 @@ class KVCache:
     def evict_all(self, gpu: bool = True, host: bool = True, offload: bool = False,
                   stream: Any = None) -> int:
         """:meth:`evict` for every user not in an open batch; returns how many
-        users were touched."""
-        tiers = self._tiers(gpu, host)
+        users were touched.  Disk records of users that no upper tier holds
+        stay (they are found again by lookup)."""
+        tiers = self._tiers(gpu, host, None)
         handle = current_stream(self.config.device_kind, self.config.device_index, stream)
         return self._native.evict_all(tiers, bool(offload), handle)
 
     def cached_tiers(self, user_id: int) -> Tuple[int, int]:
         """``(tokens on the GPU tier, tokens on the host tier)`` of a user;
         both tiers hold a prefix of its history."""
-        return self._native.user_tiers(int(user_id))
+        return tuple(self._native.user_tiers(int(user_id))[:2])  # type: ignore[return-value]
+
+    def cached_on_disk(self, user_id: int) -> int:
+        """Tokens of a user the disk tier holds (a prefix of its history; 0
+        without a disk tier).  A record can still fail its check when read:
+        it is then a miss."""
+        return int(self._native.user_tiers(int(user_id))[2])
 
     def sync_transfers(self) -> None:
         """Block until every onboard and offload in flight has completed."""
@@ -612,10 +623,12 @@ class KVCache:
         return cands
 
     @staticmethod
-    def _tiers(gpu: bool, host: bool) -> int:
-        tiers = (1 if gpu else 0) | (2 if host else 0)
+    def _tiers(gpu: bool, host: bool, disk: Optional[bool]) -> int:
+        if disk is None:
+            disk = bool(gpu and host)
+        tiers = (1 if gpu else 0) | (2 if host else 0) | (4 if disk else 0)
         if not tiers:
-            raise InvalidArgumentError("evict needs gpu=True, host=True or both")
+            raise InvalidArgumentError("evict needs gpu=True, host=True or disk=True")
         return tiers
 
     def _check_batch(self, batch: Any) -> None:

@@ -112,6 +112,15 @@ class KVCacheConfig:
             (default) disables events at no cost.  65536 (3 MiB) holds a few
             seconds of a busy cache between drains; when the ring is full the
             oldest records are dropped and counted (``events_dropped``).
+        disk_dir: an existing directory for the disk tier (below the host
+            tier; None: no disk tier).  Its file ``hkv_disk.dat`` holds
+            checksummed records; a record that fails its check reads as a
+            miss (the tokens are recomputed), never as wrong data.
+        disk_capacity_bytes: size of the disk tier's file.
+        disk_persist: keep the records across close and reopen (each record
+            is made durable before it counts); False starts empty.
+        disk_admit_after: requests of a user before its pages are written
+            to disk (default 2: spares the SSD one-off users); 0: at once.
         copy_engines: how tier transfers move pages on CUDA.  True
             (default): runs of consecutive pages go by DMA on the GPU's copy
             engines (97-99 % of the PCIe link on an H100), scattered pages
@@ -151,6 +160,10 @@ class KVCacheConfig:
     event_capacity: int = 0
     early_reuse: bool = True
     copy_engines: bool = True
+    disk_dir: Optional[str] = None
+    disk_capacity_bytes: int = 0
+    disk_persist: bool = False
+    disk_admit_after: int = 2
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -174,6 +187,21 @@ class KVCacheConfig:
         if self.max_batch_tokens is not None:
             set_(self, "max_batch_tokens",
                  _positive_int("max_batch_tokens", self.max_batch_tokens, 1, 2**30))
+        if self.disk_dir is not None:
+            import os
+            d = os.fspath(self.disk_dir)
+            if not os.path.isdir(d):
+                raise InvalidArgumentError(f"disk_dir {d!r} is not an existing directory")
+            set_(self, "disk_dir", d)
+            if self.host_capacity_bytes <= 0:
+                raise InvalidArgumentError("the disk tier sits below the host tier: set "
+                                           "host_capacity_bytes too")
+            set_(self, "disk_capacity_bytes",
+                 _positive_int("disk_capacity_bytes", self.disk_capacity_bytes, 1, 2**62))
+        if not isinstance(self.disk_persist, bool):
+            raise InvalidArgumentError(f"disk_persist must be a bool, got {self.disk_persist!r}")
+        set_(self, "disk_admit_after",
+             _positive_int("disk_admit_after", self.disk_admit_after, 0, 2**30))
         if not isinstance(self.copy_engines, bool):
             raise InvalidArgumentError(f"copy_engines must be a bool, got {self.copy_engines!r}")
         if not isinstance(self.early_reuse, bool):

@@ -165,6 +165,26 @@ METRICS: Dict[str, MetricSpec] = {
     "kernel_bytes": MetricSpec(
         "hstu_kvcache_transfer_kernel_bytes_total", _C,
         "Transfer bytes moved by the zero-copy kernel (scattered pages).", "bytes"),
+    "disk_writes": MetricSpec(
+        "hstu_kvcache_disk_writes_total", _C,
+        "Pages written to the disk tier (durable with disk_persist).", "pages"),
+    "disk_write_failures": MetricSpec(
+        "hstu_kvcache_disk_write_failures_total", _C,
+        "Pages not written to disk: user not admitted yet, no space, or an I/O error.",
+        "pages"),
+    "disk_reads": MetricSpec(
+        "hstu_kvcache_disk_reads_total", _C,
+        "Pages read back from the disk tier into the host tier (checked).", "pages"),
+    "disk_read_misses": MetricSpec(
+        "hstu_kvcache_disk_read_misses_total", _C,
+        "Disk reads that found no valid record: the tokens were recomputed.", "reads"),
+    "checksum_failures": MetricSpec(
+        "hstu_kvcache_checksum_failures_total", _C,
+        "Disk records dropped because their checksum, header or length failed the check.",
+        "records"),
+    "disk_io_errors": MetricSpec(
+        "hstu_kvcache_disk_io_errors_total", _C,
+        "Failed disk reads, writes or syncs (after the retry).", "errors"),
     "prefetch_users": MetricSpec(
         "hstu_kvcache_prefetch_users_total", _C,
         "Users whose prefetch (host -> GPU ahead of a request) started.", "users"),
@@ -205,6 +225,15 @@ METRICS: Dict[str, MetricSpec] = {
         "hstu_kvcache_offload_queued_bytes", _G,
         "Offload bytes queued and not yet known complete (bounded by max_offload_bytes).",
         "bytes"),
+    "disk_records": MetricSpec(
+        "hstu_kvcache_disk_records", _G, "Pages held by the disk tier.", "pages"),
+    "disk_bytes_used": MetricSpec(
+        "hstu_kvcache_disk_bytes_used", _G, "Bytes of the disk tier's file in use.", "bytes"),
+    "disk_bytes_capacity": MetricSpec(
+        "hstu_kvcache_disk_bytes_capacity", _G, "Bytes of the disk tier's file.", "bytes"),
+    "disk_in_flight": MetricSpec(
+        "hstu_kvcache_disk_in_flight", _G,
+        "Disk reads and writes submitted and not yet collected.", "operations"),
     "events_pending": MetricSpec(
         "hstu_kvcache_events_pending", _G,
         "Cache event records waiting for drain_events().", "events"),

@@ -1835,17 +1835,18 @@ static void test_cache_prefetch(void)
     req_init(&r);
     req_add(&r, 1, 16);
     CHECK(req_round(c, &r) == 0);
-    int64_t one = 1, gpu = -1, host = -1;
+    int64_t one = 1, gpu = -1, host = -1, disk = -1;
     CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_GPU, 1, NULL));
-    hkv_cache_user_tiers(c, 1, &gpu, &host);
+    hkv_cache_user_tiers(c, 1, &gpu, &host, &disk);
     CHECK_EQ(gpu, 0);
     CHECK_EQ(host, 16);
     CHECK_ST(hkv_cache_prefetch(c, 5, (const int64_t[]){1, 1, 2, 3, 4}, NULL, &started),
              HKV_EINVAL);                              /* more than max_batch_size */
     CHECK_OK(hkv_cache_prefetch(c, 3, (const int64_t[]){2, 1, 1}, NULL, &started));
     CHECK_EQ(started, 1);                              /* unknown and duplicate skipped */
-    hkv_cache_user_tiers(c, 1, &gpu, &host);
+    hkv_cache_user_tiers(c, 1, &gpu, &host, &disk);
     CHECK_EQ(gpu, 16);
+    CHECK_EQ(disk, 0);
     CHECK(check_user_default(c, 1, 16) == 0);
     CHECK_CACHE(c);
     /* GPU full of pages without host copies: no room, nothing evicted */
