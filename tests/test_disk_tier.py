@@ -178,3 +178,39 @@ def test_disk_config_errors(tmp_path):
     with pytest.raises(hk.KVCacheError):
         make(tmp_path)                             # the file is locked by `cache`
     cache.close()
+
+
+def test_threads_bring_users_back_from_disk_at_once(tmp_path):
+    """Several threads prepare users that only the disk holds: the reads run
+    without the cache lock, so the stage-ins interleave with other calls."""
+    import threading
+    cache = make(tmp_path, num_pages=48, host_capacity_bytes=48 * L * PAGE_BYTES,
+                 max_batch_size=4)
+    ref = {}
+    users = list(range(1, 7))
+    for u in users:
+        serve(cache, u, 32, ref, 20 + u)
+    push_down(cache, users)
+    errors = []
+
+    def worker(mine):
+        try:
+            for rep in range(3):
+                for u in mine:
+                    with cache.prepare([u], [32]) as b:
+                        assert b.lookup.cached_lengths.tolist() == [32]
+                        for layer in range(L):
+                            kg, _ = cache.gather(layer, b)
+                            assert torch.equal(kg, ref[u][layer])
+                    cache.evict([u], gpu=True, host=True, disk=False)
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(users[i::3],)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert cache.stats()["disk_reads"] >= 6 * 3 * 8
+    cache.check()

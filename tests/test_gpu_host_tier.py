@@ -346,3 +346,31 @@ def test_copy_engines_option(copy_engines, monkeypatch):
     assert s["onboard_pages"] > 0
     assert (s["dma_bytes"] > 0) == copy_engines
     gpu.check()
+
+
+def test_disk_tier_round_trip_on_gpu(path, tmp_path, monkeypatch):
+    """Disk -> host -> GPU on CUDA (pinned host pages as the I/O buffers),
+    with delayed copies: the write waits for the offload copy to land, the
+    onboard for the read."""
+    monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "2000")
+    gpu = hk.KVCache(hk.KVCacheConfig(
+        num_layers=2, num_heads=2, head_dim=32, num_pages=16, page_size=8, max_batch_size=6,
+        max_seq_len=600, dtype="float32", device="cuda", host_capacity_bytes=40 * 2 * 4096,
+        disk_dir=str(tmp_path), disk_capacity_bytes=8 << 20, disk_admit_after=0))
+    k = torch.randn(2, 40, 2, 32, device="cuda")
+    with gpu.prepare([1], [40]) as b:
+        gpu.append(range(2), k, k + 1, b)
+    gpu.evict([1], gpu=True, host=False, offload=True)
+    gpu.sync_transfers()
+    assert gpu.cached_on_disk(1) == 40
+    gpu.evict([1], gpu=False, host=True)
+    assert gpu.cached_tiers(1) == (0, 0)
+    with gpu.prepare([1], [40]) as b:
+        for layer in range(2):
+            kg, vg = gpu.gather(layer, b)
+            torch.cuda.synchronize()
+            assert torch.equal(kg, k[layer]) and torch.equal(vg, k[layer] + 1)
+    s = gpu.stats()
+    assert s["disk_writes"] == 5 and s["disk_reads"] == 5
+    check_path(gpu, path)
+    gpu.check()

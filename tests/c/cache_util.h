@@ -15,6 +15,19 @@
 #include "cache.h"
 #include "harness.h"
 
+/* Create a cache or fail the test. */
+#define CREATE(cfgp, cp) CHECK_OK(hkv_cache_create((cfgp), (cp)))
+
+#define CHECK_CACHE(c)                                                     \
+    do {                                                                   \
+        hkv_status cst_ = hkv_cache_check(c);                              \
+        if (cst_ != HKV_OK) {                                              \
+            test_fail(__FILE__, __LINE__, "hkv_cache_check: %s",           \
+                      hkv_last_error());                                   \
+            return;                                                        \
+        }                                                                  \
+    } while (0)
+
 #define REQ_MAX_USERS 16
 #define REQ_MAX_TOKENS 2048   /* sum of the history lengths of a request */
 

@@ -16,19 +16,6 @@
 
 #include "cache_util.h"
 
-/* Create a cache or fail the test. */
-#define CREATE(cfgp, cp) CHECK_OK(hkv_cache_create((cfgp), (cp)))
-
-#define CHECK_CACHE(c)                                                     \
-    do {                                                                   \
-        hkv_status cst_ = hkv_cache_check(c);                              \
-        if (cst_ != HKV_OK) {                                              \
-            test_fail(__FILE__, __LINE__, "hkv_cache_check: %s",           \
-                      hkv_last_error());                                   \
-            return;                                                        \
-        }                                                                  \
-    } while (0)
-
 static int64_t user_len(hkv_cache *c, int64_t uid)
 {
     int64_t n = -1;

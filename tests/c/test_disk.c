@@ -27,6 +27,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "cache.h"
+#include "cache_util.h"
 #include "crc32c.h"
 #include "disk_tier.h"
 #include "harness.h"
@@ -1340,8 +1342,87 @@ static void test_disk_buffered_io(void)
     test_direct = 1;
 }
 
+/* The cache with a disk tier below its host tier (CPU path): a user
+ * pushed down to disk comes back disk -> host -> GPU exactly; a record
+ * that fails its check makes the allocation stale and reads as a miss. */
+static void test_disk_in_the_cache(void)
+{
+    char dir[4096];
+    make_dir(dir, sizeof dir);
+    hkv_config cfg = cfg_small(2, 4, 12, 4, 64);
+    cfg.host_pages = 12;
+    cfg.disk_dir = dir;
+    cfg.disk_capacity_bytes = 4 << 20;
+    cfg.disk_admit_after = 0;
+    hkv_cache *c;
+    hkv_batch *b;
+    hkv_stats st;
+    req r;
+    int64_t one = 1, g, h, d;
+    CREATE(&cfg, &c);
+    req_init(&r);
+    req_add(&r, 1, 32);
+    CHECK(req_round(c, &r) == 0);
+    CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_GPU, 1, NULL));
+    CHECK_OK(hkv_cache_sync_transfers(c));            /* writes done */
+    CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_HOST, 0, NULL));
+    hkv_cache_user_tiers(c, 1, &g, &h, &d);
+    CHECK_EQ(g, 0);
+    CHECK_EQ(h, 0);
+    CHECK_EQ(d, 32);
+    CHECK_CACHE(c);
+    req_init(&r);
+    req_add(&r, 1, 36);
+    CHECK_OK(req_lookup(c, &r));
+    CHECK_EQ(r.cached[0], 32);
+    CHECK_OK(req_allocate(c, &r, &b));                /* reads 8 records */
+    CHECK_OK(req_append_all(c, b, &r));
+    CHECK(req_check_read(c, b, &r, 0) == 0);
+    CHECK(req_check_read(c, b, &r, 1) == 0);
+    hkv_batch_free(b);
+    CHECK(check_user_default(c, 1, 36) == 0);
+    hkv_cache_stats(c, &st);
+    CHECK_EQ(st.disk_writes, 8);
+    CHECK_EQ(st.disk_reads, 8);
+    CHECK_CACHE(c);
+
+    /* corrupt every record: the next read-back is a miss, then a recompute */
+    CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_GPU, 1, NULL));
+    CHECK_OK(hkv_cache_sync_transfers(c));
+    CHECK_OK(hkv_cache_evict(c, 1, &one, HKV_TIER_HOST, 0, NULL));
+    char path[4200];
+    snprintf(path, sizeof path, "%s/hkv_disk.dat", dir);
+    int fd = open(path, O_WRONLY);
+    CHECK(fd >= 0);
+    struct stat sb;
+    CHECK(fstat(fd, &sb) == 0);
+    for (off_t off = 0; off < sb.st_size; off += 1024)
+        CHECK(pwrite(fd, "\x5a", 1, off) == 1);
+    CHECK(fsync(fd) == 0);
+    close(fd);
+    req_init(&r);
+    req_add(&r, 1, 40);
+    CHECK_OK(req_lookup(c, &r));
+    CHECK_EQ(r.cached[0], 36);
+    CHECK_ST(req_allocate(c, &r, &b), HKV_ESTALE);
+    CHECK_CACHE(c);
+    CHECK_OK(req_lookup(c, &r));
+    CHECK_EQ(r.cached[0], 0);
+    CHECK_OK(req_allocate(c, &r, &b));
+    CHECK_OK(req_append_all(c, b, &r));
+    hkv_batch_free(b);
+    CHECK(check_user_default(c, 1, 40) == 0);
+    hkv_cache_stats(c, &st);
+    CHECK(st.checksum_failures >= 1);
+    CHECK_EQ(st.disk_read_misses, 1);
+    CHECK_CACHE(c);
+    hkv_cache_destroy(c);
+    rm_dir(dir);
+}
+
 void run_disk_tests(void)
 {
+    RUN(test_disk_in_the_cache);
     RUN(test_disk_crc32c);
     RUN(test_disk_round_trip);
     RUN(test_disk_rewrite_newest_wins);
