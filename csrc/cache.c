@@ -139,9 +139,14 @@ struct hkv_cache {
     int32_t *dt_page;                /* per disk ticket index: host page  */
     int64_t *dt_user;
     int32_t *dt_ix;
-    int8_t *dt_kind;                 /* 0 free, 1 write, 2 read running,
-                                        3 read done                       */
-    int8_t *dt_result;
+    int8_t *dt_kind;                 /* 0 free, 1 write, 2 read           */
+    /* reads completed and not yet taken by the stage-in (ticket indexes
+     * are reused once polled, so completions move here) */
+    int32_t *rd_page;
+    int64_t *rd_user;
+    int32_t *rd_ix;
+    int8_t *rd_result;
+    int32_t rd_count;
     uint64_t *disk_fps;              /* fingerprints of one user's pages  */
     pthread_mutex_t stage_lock;      /* one disk stage-in at a time       */
     int32_t *si_slot;                /* stage-in scratch, per batch entry */
@@ -634,7 +639,11 @@ static hkv_status disk_open(hkv_cache *c, const hkv_config *cfg)
     c->dt_user = malloc(tc * sizeof *c->dt_user);
     c->dt_ix = malloc(tc * sizeof *c->dt_ix);
     c->dt_kind = calloc(tc, 1);
-    c->dt_result = calloc(tc, 1);
+    size_t most = (size_t)c->max_batch_pages + 1;
+    c->rd_page = malloc(most * sizeof *c->rd_page);
+    c->rd_user = malloc(most * sizeof *c->rd_user);
+    c->rd_ix = malloc(most * sizeof *c->rd_ix);
+    c->rd_result = malloc(most);
     c->disk_fps = malloc((size_t)hkv_div_up(cfg->max_seq_len, cfg->page_size) *
                          sizeof *c->disk_fps);
     c->si_slot = malloc(bsz * sizeof *c->si_slot);
@@ -643,7 +652,8 @@ static hkv_status disk_open(hkv_cache *c, const hkv_config *cfg)
     c->si_koff = malloc(bsz * sizeof *c->si_koff);
     c->si_miss = malloc(bsz);
     if (!c->host_ix || !c->dq_page || !c->dq_user || !c->dq_ix || !c->dt_page ||
-        !c->dt_user || !c->dt_ix || !c->dt_kind || !c->dt_result || !c->disk_fps ||
+        !c->dt_user || !c->dt_ix || !c->dt_kind || !c->rd_page || !c->rd_user ||
+        !c->rd_ix || !c->rd_result || !c->disk_fps ||
         !c->si_slot || !c->si_next || !c->si_need || !c->si_koff || !c->si_miss)
         return hkv_error(HKV_ENOMEM, "out of host memory");
     return HKV_OK;
@@ -663,7 +673,10 @@ static void disk_free(hkv_cache *c)
     free(c->dt_user);
     free(c->dt_ix);
     free(c->dt_kind);
-    free(c->dt_result);
+    free(c->rd_page);
+    free(c->rd_user);
+    free(c->rd_ix);
+    free(c->rd_result);
     free(c->disk_fps);
     free(c->si_slot);
     free(c->si_next);
@@ -2318,8 +2331,11 @@ static void disk_pump(hkv_cache *c)
         for (int i = 0; i < n; i++) {
             int32_t t = hkv_disk_ticket_index(tickets[i]);
             if (c->dt_kind[t] == 2) {
-                c->dt_kind[t] = 3;
-                c->dt_result[t] = (int8_t)results[i];
+                c->dt_kind[t] = 0;
+                c->rd_page[c->rd_count] = c->dt_page[t];
+                c->rd_user[c->rd_count] = c->dt_user[t];
+                c->rd_ix[c->rd_count] = c->dt_ix[t];
+                c->rd_result[c->rd_count++] = (int8_t)results[i];
                 continue;
             }
             if (c->dt_kind[t] != 1)
@@ -2411,13 +2427,23 @@ static int32_t disk_lookup_new_user(hkv_cache *c, int64_t user_id, int64_t lengt
     return slot;
 }
 
-/* The read of the user's page `index` that has completed, or -1. */
-static int32_t done_read(hkv_cache *c, int64_t user_id, int64_t index)
+/* Take the completed read of the user's page `index` (or of any of its
+ * pages when index < 0): 1 and its host page and result, or 0. */
+static int take_read(hkv_cache *c, int64_t user_id, int64_t index, int32_t *page,
+                     int *result)
 {
-    for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++)
-        if (c->dt_kind[t] == 3 && c->dt_user[t] == user_id && c->dt_ix[t] == index)
-            return t;
-    return -1;
+    for (int32_t k = 0; k < c->rd_count; k++)
+        if (c->rd_user[k] == user_id && (index < 0 || c->rd_ix[k] == index)) {
+            *page = c->rd_page[k];
+            *result = c->rd_result[k];
+            int32_t last = --c->rd_count;
+            c->rd_page[k] = c->rd_page[last];
+            c->rd_user[k] = c->rd_user[last];
+            c->rd_ix[k] = c->rd_ix[last];
+            c->rd_result[k] = c->rd_result[last];
+            return 1;
+        }
+    return 0;
 }
 
 /*
@@ -2509,19 +2535,10 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
                 c->si_next[b] = i + 1;
             }
             /* take finished reads in page order; after a miss, drop */
-            for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++) {
-                if (c->dt_user[t] != u->id || (c->dt_kind[t] != 2 && c->dt_kind[t] != 3))
-                    continue;
-                if (c->dt_kind[t] == 3 && c->si_miss[b]) {
-                    c->dt_kind[t] = 0;
-                    hkv_host_release(&c->host, c->dt_page[t]);
-                }
-            }
-            for (int32_t t; !c->si_miss[b] &&
-                            (t = done_read(c, u->id, u->host_pages)) >= 0;) {
-                c->dt_kind[t] = 0;
-                int32_t hp = c->dt_page[t];
-                if (c->dt_result[t] == HKV_DISK_DONE) {
+            int32_t hp;
+            int res;
+            while (!c->si_miss[b] && take_read(c, u->id, u->host_pages, &hp, &res)) {
+                if (res == HKV_DISK_DONE) {
                     hkv_host_push(&c->host, u, hp);
                     c->host_ix[hp] = u->host_pages - 1;
                     c->stats.disk_reads++;
@@ -2530,10 +2547,14 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
                 hkv_host_release(&c->host, hp);
                 c->si_miss[b] = 1;
             }
+            while (c->si_miss[b] && take_read(c, u->id, -1, &hp, &res))
+                hkv_host_release(&c->host, hp);
             int done = c->si_miss[b] || u->host_pages >= c->si_need[b];
             int mine = 0;
             for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++)
-                mine += (c->dt_kind[t] == 2 || c->dt_kind[t] == 3) && c->dt_user[t] == u->id;
+                mine += c->dt_kind[t] == 2 && c->dt_user[t] == u->id;
+            for (int32_t k = 0; k < c->rd_count; k++)
+                mine += c->rd_user[k] == u->id;
             if (done && mine == 0) {
                 if (c->si_miss[b]) {
                     /* the record of the first page not taken failed its
@@ -2789,9 +2810,16 @@ hkv_status hkv_cache_sync_transfers(hkv_cache *c)
     if (st == HKV_OK && is_cuda(c))
         reap_prefetch(c, 1);  /* their copies were records too: all done */
     if (st == HKV_OK && c->disk != NULL) {
-        /* pages whose copies just finished go to disk; wait for them */
-        disk_pump(c);
-        hkv_disk_drain(c->disk);
+        /* pages whose copies just finished go to disk (max_in_flight at a
+         * time); wait for all of them */
+        int32_t queued;
+        do {
+            queued = c->dq_count;
+            disk_pump(c);
+            hkv_disk_drain(c->disk);
+            disk_pump(c);
+        } while (c->dq_count > 0 && c->dq_count < queued);
+        hkv_disk_drain(c->disk);  /* the last ones queued above */
         disk_pump(c);
     }
     pthread_mutex_unlock(&c->lock);

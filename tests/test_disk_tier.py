@@ -214,3 +214,16 @@ def test_threads_bring_users_back_from_disk_at_once(tmp_path):
     assert not errors, errors
     assert cache.stats()["disk_reads"] >= 6 * 3 * 8
     cache.check()
+
+
+def test_a_user_longer_than_the_reads_in_flight(tmp_path):
+    """175 pages through a store that takes 64 operations at a time: reads
+    are issued in waves and their completions kept until taken in order."""
+    cache, ref = make(tmp_path, num_pages=200, host_capacity_bytes=200 * L * PAGE_BYTES,
+                      max_seq_len=1024), {}
+    serve(cache, 1, 700, ref, 30)
+    push_down(cache, [1])
+    assert cache.cached_on_disk(1) == 700
+    assert serve(cache, 1, 704, ref, 31) == 700
+    assert cache.stats()["disk_reads"] == 175
+    cache.check()
