@@ -1357,9 +1357,14 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         if (onb < keep)
             onb = keep;
         if (onb > keep && u != NULL && onb > u->host_pages && u->disk_pages >= onb) {
-            st = hkv_error(HKV_EBUSY, "user %lld: its cached pages are on the disk tier "
-                           "while another batch holds the user; finish that batch first",
-                           (long long)user_ids[b]);
+            st = u->pins > 0
+                ? hkv_error(HKV_EBUSY, "user %lld: its cached pages are on the disk tier "
+                            "while another batch holds the user; finish that batch first",
+                            (long long)user_ids[b])
+                : hkv_error(HKV_EFULL, "user %lld: the host tier has no room to bring its "
+                            "cached pages back from the disk tier (pages held by open "
+                            "batches or copies in flight); raise host_capacity_bytes or "
+                            "split the batch", (long long)user_ids[b]);
             goto out;
         }
         if (onb > keep && (u == NULL || onb > u->host_pages)) {
@@ -2468,6 +2473,9 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
     pthread_mutex_lock(&c->stage_lock);
     pthread_mutex_lock(&c->lock);
     disk_pump(c);
+    /* finished copies may have left dropped host pages to free */
+    if (hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host) != HKV_OK)
+        (void)0;  /* a failed query frees nothing now; the allocation reports it */
     /* per user: slot (pinned here), next page to submit, pages needed,
      * key offset, whether a read missed */
     int users = 0;
@@ -2489,14 +2497,14 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
         c->si_next[b] = u->host_pages;
         c->si_need[b] = need;
         c->si_koff[b] = koff;
-        c->si_miss[b] = 0;   /* 1 once a read missed */
+        c->si_miss[b] = 0;   /* 1 once a read missed, 2: no host room */
         users++;
     }
     int64_t missed_user = -1, missed_page = -1;
     while (users > 0) {
         for (int32_t b = 0; b < batch; b++) {
             int32_t slot = c->si_slot[b];
-            if (slot == HKV_NO_USER)
+            if (slot == HKV_NO_USER || c->si_need[b] < 0)
                 continue;
             hkv_user *u = &c->users.users[slot];
             const uint64_t *fps = token_keys != NULL
@@ -2509,7 +2517,7 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
                 while (hp == HKV_NO_PAGE && evict_one_host_page(c, slot))
                     hp = hkv_host_alloc(&c->host, slot);
                 if (hp == HKV_NO_PAGE) {
-                    c->si_miss[b] = 1;   /* no host room: treat as a miss */
+                    c->si_miss[b] = 2;   /* no host room: stop (allocate says so) */
                     break;
                 }
                 uint64_t ticket;
@@ -2556,7 +2564,7 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
             for (int32_t k = 0; k < c->rd_count; k++)
                 mine += c->rd_user[k] == u->id;
             if (done && mine == 0) {
-                if (c->si_miss[b]) {
+                if (c->si_miss[b] == 1) {
                     /* the record of the first page not taken failed its
                      * check (or could not be read): drop it and the rest */
                     int64_t miss = u->host_pages;
@@ -2568,8 +2576,7 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
                     missed_user = u->id;
                     missed_page = miss;
                 }
-                c->si_slot[b] = HKV_NO_USER;
-                unpin_user(c, slot);
+                c->si_need[b] = -1;  /* finished; stays pinned until the end */
                 users--;
             }
         }
@@ -2580,6 +2587,11 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
         pthread_mutex_lock(&c->lock);
         disk_pump(c);
     }
+    /* Users stay pinned until every one is staged, so staging one never
+     * evicts the host pages just read for another. */
+    for (int32_t b = 0; b < batch; b++)
+        if (c->si_slot[b] != HKV_NO_USER)
+            unpin_user(c, c->si_slot[b]);
     pthread_mutex_unlock(&c->lock);
     pthread_mutex_unlock(&c->stage_lock);
     if (missed_user >= 0)
