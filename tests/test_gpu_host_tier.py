@@ -97,7 +97,9 @@ def test_onboard_waits_for_the_offload_writing_its_pages(path, monkeypatch):
     monkeypatch.setenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US", "4000")
     _, gpu, _, _ = host_pair("eager", gpu_pages=16)
     k = torch.randn(2, 32, 2, 32, device="cuda")
-    with gpu.prepare([1], [32]) as b:
+    with gpu.prepare([2], [32]) as b:       # an offload queued ahead: user 1's
+        gpu.append(range(2), k, k, b)       # copy lands a whole delay after the
+    with gpu.prepare([1], [32]) as b:       # onboard's own (equal) delay
         gpu.append(range(2), k, k + 1, b)   # eager offload queued, delayed
     gpu.evict([1], gpu=True, host=False)    # host copy still being written
     with gpu.prepare([1], [32]) as b:       # onboards it back
