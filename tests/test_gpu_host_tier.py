@@ -233,6 +233,13 @@ def test_prefetch_then_prepare_waits_for_the_copy(path, monkeypatch):
     k = torch.randn(2, 40, 2, 32, device="cuda")
     with gpu.prepare([1], [40]) as b:
         gpu.append(range(2), k, k + 1, b)
+        # Warm up the kernels read below: the first launch of a kernel loads
+        # its module (CUDA lazy loading), which waits for all work on the
+        # device and would order the reads after the copies by itself.
+        pages = b.kv_indices.long()
+        t_gpu[1, pages[:5], 0].reshape(40, 2, 32).clone()
+        gpu.gather(0, b)
+        torch.cuda.synchronize()
     gpu.evict([1], gpu=True, host=False, offload=True)
     gpu.sync_transfers()
     assert gpu.prefetch([1]) == 1                # 5 pages, delayed
@@ -268,6 +275,7 @@ def test_prefetch_ordering_fails_without_the_waits(monkeypatch):
     with pytest.raises(AssertionError):
         test_prefetch_then_prepare_waits_for_the_copy("default", monkeypatch)
     torch.cuda.synchronize()
+
 
 
 def test_early_reuse_waits_for_the_earlier_batch_on_another_stream():
