@@ -62,7 +62,11 @@ enum cudaMemcpyKind {
     cudaMemcpyDeviceToDevice = 3,
     cudaMemcpyDefault = 4,
 };
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr {
+    cudaDevAttrMultiProcessorCount = 16,
+    cudaDevAttrClockRate = 13,
+    cudaDevAttrMaxPitch = 11
+};
 
 struct cudaDeviceProp {
     char name[256];
@@ -111,6 +115,9 @@ inline cudaError_t fail(cudaError_t e) { last_error = e; return e; }
 }  // namespace emu
 
 inline void __syncthreads() { emu::syncthreads(); }
+/* a cycle counter for the fault-injection spin kernel: no cycles pass in
+ * the emulation, so the spin ends at once */
+inline long long clock64() { static long long t = 0; return t += 1 << 30; }
 
 template <typename T>
 inline T __shfl_up_sync(unsigned mask, T v, unsigned delta)
@@ -166,10 +173,10 @@ inline cudaError_t cudaSetDevice(int d)
 }
 inline cudaError_t cudaDeviceGetAttribute(int *v, cudaDeviceAttr a, int d)
 {
-    (void)a;
     if (d != 0)
         return emu::fail(cudaErrorInvalidDevice);
-    *v = emu::kSMs;
+    *v = a == cudaDevAttrMaxPitch ? 2147483647 : a == cudaDevAttrClockRate ? 1500000
+                                                                            : emu::kSMs;
     return cudaSuccess;
 }
 inline cudaError_t cudaGetDeviceProperties(cudaDeviceProp *p, int d)
@@ -193,6 +200,13 @@ inline cudaError_t cudaHostAlloc(void **p, size_t n, unsigned flags)
     return cudaMalloc(p, n);
 }
 inline cudaError_t cudaFreeHost(void *p) { free(p); return cudaSuccess; }
+/* host memory is the device's memory here: the same address */
+inline cudaError_t cudaHostGetDevicePointer(void **d, void *h, unsigned flags)
+{
+    (void)flags;
+    *d = h;
+    return cudaSuccess;
+}
 inline cudaError_t cudaMemset(void *p, int v, size_t n) { memset(p, v, n); return cudaSuccess; }
 inline cudaError_t cudaMemsetAsync(void *p, int v, size_t n, cudaStream_t s = 0)
 {
@@ -211,6 +225,16 @@ inline cudaError_t cudaMemcpyAsync(void *d, const void *s, size_t n,
 {
     (void)st;
     return cudaMemcpy(d, s, n, k);
+}
+inline cudaError_t cudaMemcpy2DAsync(void *d, size_t dpitch, const void *s, size_t spitch,
+                                     size_t width, size_t height, cudaMemcpyKind k,
+                                     cudaStream_t st = 0)
+{
+    (void)k;
+    (void)st;
+    for (size_t r = 0; r < height; r++)
+        memcpy((char *)d + r * dpitch, (const char *)s + r * spitch, width);
+    return cudaSuccess;
 }
 inline cudaError_t cudaStreamSynchronize(cudaStream_t s) { (void)s; return cudaSuccess; }
 inline cudaError_t cudaDeviceSynchronize(void) { return cudaSuccess; }
