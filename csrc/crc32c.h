@@ -17,6 +17,10 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#ifdef __cplusplus
+extern "C" {
+#endif
+
 /* CRC-32C of buf[0..len), continuing from `crc` (0 to start). */
 uint32_t hkv_crc32c(uint32_t crc, const void *buf, size_t len);
 
@@ -25,5 +29,9 @@ uint32_t hkv_crc32c_sw(uint32_t crc, const void *buf, size_t len);
 
 /* 1 if hkv_crc32c uses a CPU instruction. */
 int hkv_crc32c_hw(void);
+
+#ifdef __cplusplus
+}
+#endif
 
 #endif /* HKV_CRC32C_H */

@@ -224,6 +224,25 @@ hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device,
     return no_cuda("hkv_cuda_copy_pages");
 }
 
+int64_t hkv_cuda_crc32c_scratch_words(int64_t len)
+{
+    (void)len;
+    return 1;
+}
+
+hkv_status hkv_cuda_crc32c(const void *data, int64_t len, uint32_t crc, uint32_t *scratch,
+                           uint32_t *out, int device, void *stream)
+{
+    (void)data;
+    (void)len;
+    (void)crc;
+    (void)scratch;
+    (void)out;
+    (void)device;
+    (void)stream;
+    return no_cuda("hkv_cuda_crc32c");
+}
+
 hkv_status hkv_cuda_upload_words(int32_t *dst, const int32_t *src_mapped, int64_t n,
                                  int device, void *stream)
 {

@@ -193,6 +193,16 @@ hkv_status hkv_cuda_gather_pages(const hkv_pages_args *a, int device, void *stre
 hkv_status hkv_cuda_scatter_pages(const hkv_pages_args *a, int device, void *stream);
 hkv_status hkv_cuda_copy_pages(const hkv_copy_pages_args *a, int device, void *stream);
 hkv_status hkv_cuda_token_meta(const hkv_token_meta_args *a, int device, void *stream);
+/*
+ * CRC-32C (crc32c.h's convention, continuing from `crc`) of len bytes of
+ * device memory, written to *out (device memory) on `stream`.  scratch:
+ * hkv_cuda_crc32c_scratch_words(len) uint32 words of device memory.  For
+ * checking disk records read straight into GPU memory.
+ */
+int64_t hkv_cuda_crc32c_scratch_words(int64_t len);
+hkv_status hkv_cuda_crc32c(const void *data, int64_t len, uint32_t crc, uint32_t *scratch,
+                           uint32_t *out, int device, void *stream);
+
 /* n int32 words from pinned host memory (its device address) to the device,
  * by a kernel on `stream` (no copy engine: see token_meta.cu). */
 hkv_status hkv_cuda_upload_words(int32_t *dst, const int32_t *src_mapped, int64_t n,

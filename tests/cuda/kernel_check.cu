@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../../csrc/cuda_rt.h"
+#include "../../csrc/crc32c.h"
 #include "../../csrc/kernels.h"
 
 typedef std::vector<uint8_t> Bytes;
@@ -789,6 +790,43 @@ static void edge_cases(cudaStream_t stream, bool with_api_errors)
 }
 
 /* The cuda_rt.h services, as the C core will use them. */
+/* CRC-32C of device memory equals the host's, for lengths around the
+ * 4 KiB chunks, odd alignments and a continued checksum. */
+static void crc_cases(cudaStream_t stream)
+{
+    const int64_t lens[] = {0, 1, 7, 4095, 4096, 4097, 3 * 4096 + 5, 1 << 20, (1 << 20) + 13};
+    const int64_t most = (1 << 20) + 13 + 8;
+    Rng rng(7);
+    std::vector<uint8_t> host((size_t)most);
+    rng.fill(host.data(), host.size());
+    void *d = NULL, *scratch = NULL, *out = NULL;
+    HK(hkv_cuda_malloc(DEV, (size_t)most, &d));
+    HK(hkv_cuda_malloc(DEV, (size_t)hkv_cuda_crc32c_scratch_words(most) * 4, &scratch));
+    HK(hkv_cuda_malloc(DEV, 4, &out));
+    HK(hkv_cuda_memcpy_async(DEV, d, host.data(), (size_t)most, stream));
+    for (int64_t len : lens)
+        for (int64_t off : {0, 1, 3})
+            for (uint32_t seed : {0u, 0x12345678u}) {
+                uint32_t got = 0;
+                HK(hkv_cuda_crc32c((const char *)d + off, len, seed, (uint32_t *)scratch,
+                                   (uint32_t *)out, DEV, stream));
+                HK(hkv_cuda_memcpy_async(DEV, &got, out, 4, stream));
+                HK(hkv_cuda_stream_sync(DEV, stream));
+                uint32_t want = hkv_crc32c_sw(seed, host.data() + off, (size_t)len);
+                report(got == want, "crc32c len %lld offset %lld seed %08x: %08x vs %08x",
+                       (long long)len, (long long)off, seed, got, want);
+            }
+    uint32_t check = 0;
+    HK(hkv_cuda_memcpy_async(DEV, d, "123456789", 9, stream));
+    HK(hkv_cuda_crc32c(d, 9, 0, (uint32_t *)scratch, (uint32_t *)out, DEV, stream));
+    HK(hkv_cuda_memcpy_async(DEV, &check, out, 4, stream));
+    HK(hkv_cuda_stream_sync(DEV, stream));
+    report(check == 0xE3069283u, "crc32c check value %08x", check);
+    HK(hkv_cuda_free(DEV, d));
+    HK(hkv_cuda_free(DEV, scratch));
+    HK(hkv_cuda_free(DEV, out));
+}
+
 static void runtime_case(cudaStream_t stream)
 {
     int n = -1, done = -1;
@@ -1210,6 +1248,7 @@ int main(int argc, char **argv)
     const int max_users = mode == SMALL ? 4 : 9;
 
     runtime_case(stream);
+    crc_cases(stream);
     edge_cases(stream, mode != SMALL);
 
     int variant = 0;
