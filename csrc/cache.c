@@ -211,11 +211,14 @@ static void drop_gpu_tail(hkv_cache *c, hkv_user *u)
         c->pinned_pages--;
 }
 
-/* Free the user's GPU tail pages until `keep` remain. */
-static void drop_tail_pages(hkv_cache *c, hkv_user *u, int64_t keep)
+/* Free the user's GPU tail pages until `keep` remain; returns how many
+ * went. */
+static uint64_t drop_tail_pages(hkv_cache *c, hkv_user *u, int64_t keep)
 {
-    while (u->num_pages > keep)
+    uint64_t n = 0;
+    for (; u->num_pages > keep; n++)
         drop_gpu_tail(c, u);
+    return n;
 }
 
 static void drop_host_tail(hkv_cache *c, hkv_user *u)
@@ -238,6 +241,7 @@ static void maybe_remove(hkv_cache *c, int32_t slot)
 static void reap_prefetch(hkv_cache *c, int all);
 static hkv_status finish_prefetch(hkv_cache *c, const hkv_user *u);
 static void disk_enqueue(hkv_cache *c, const hkv_user *u, int32_t page, int32_t index);
+static void disk_drop_from(hkv_cache *c, hkv_user *u, int64_t from);
 static void disk_pump(hkv_cache *c);
 static const uint64_t *request_fingerprints(hkv_cache *c, const int64_t *keys, int64_t n);
 static int32_t disk_lookup_new_user(hkv_cache *c, int64_t user_id, int64_t length);
@@ -890,8 +894,10 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
             st = hkv_xfer_init(&c->xfer, is_cuda(c), cfg.device_index, 4 * most + 64,
                                !cfg.kernel_copies);
     }
+    /* fault injection: the ordering tests must fail without the waits */
     const char *skip = getenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS");
     c->skip_waits = skip != NULL && atoi(skip) != 0;
+    c->xfer.skip_waits = c->skip_waits;
     if (st == HKV_OK)
         st = hkv_events_init(&c->events, cfg.event_capacity);
     if (st == HKV_OK && cfg.disk_dir != NULL)
@@ -1137,9 +1143,7 @@ static hkv_status publish_metadata(hkv_cache *c, hkv_batch *bt, void *stream)
  * epoch makes those lookups stale. */
 static void rollback_user(hkv_cache *c, hkv_user *u)
 {
-    int64_t before = u->num_pages;
-    drop_tail_pages(c, u, pages_for(c, u->length));
-    c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+    c->stats.pages_dropped += drop_tail_pages(c, u, pages_for(c, u->length));
     if (c->cfg.early_reuse && u->reserved > u->length)
         hkv_user_new_epoch(&c->users, u);
     u->reserved = u->length;
@@ -1169,9 +1173,7 @@ static void unfill(hkv_cache *c, hkv_batch *bt, int32_t b, hkv_user *u)
         rollback_user(c, u);
     } else if (!later) {
         /* an earlier batch still fills: keep its tokens, drop this one's */
-        int64_t before = u->num_pages;
-        drop_tail_pages(c, u, pages_for(c, bt->fill_from[b]));
-        c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+        c->stats.pages_dropped += drop_tail_pages(c, u, pages_for(c, bt->fill_from[b]));
         hkv_user_new_epoch(&c->users, u);
         u->reserved = bt->fill_from[b];
     }
@@ -1451,18 +1453,12 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
             bt->dep_set = (int32_t)(u->prefetch % PREFETCH_SETS);
         }
         if (c->scratch_trunc[b]) {
-            int64_t before = u->num_pages;
-            drop_tail_pages(c, u, c->scratch_keep[b]);
-            c->stats.pages_dropped += (uint64_t)(before - u->num_pages);
+            c->stats.pages_dropped += drop_tail_pages(c, u, c->scratch_keep[b]);
             if (u->length > cached_lengths[b])
                 hkv_user_new_epoch(&c->users, u);
             u->length = u->reserved = cached_lengths[b];
-            int64_t keep_disk = cached_lengths[b] / c->cfg.page_size;
-            if (c->disk != NULL && u->disk_pages > keep_disk) {
-                /* records past the rewritten token hold the old history */
-                hkv_disk_drop_user(c->disk, u->id, keep_disk);
-                u->disk_pages = (int32_t)keep_disk;
-            }
+            /* records past the rewritten token hold the old history */
+            disk_drop_from(c, u, cached_lengths[b] / c->cfg.page_size);
         }
     }
     /* Pass 3: GPU pages for what is onboarded and for the new tokens.
@@ -2181,16 +2177,13 @@ static void evict_user(hkv_cache *c, int32_t slot, int32_t tiers, int32_t offloa
             if (st != HKV_OK)
                 c->stats.transfers_failed++;
         }
-        c->stats.pages_dropped += (uint64_t)u->num_pages;
-        drop_tail_pages(c, u, 0);
+        c->stats.pages_dropped += drop_tail_pages(c, u, 0);
     }
     if ((tiers & HKV_TIER_HOST) && has_host(c))
         while (u->host_pages > 0)
             drop_host_tail(c, u);
-    if ((tiers & HKV_TIER_DISK) && c->disk != NULL) {
-        hkv_disk_drop_user(c->disk, u->id, 0);
-        u->disk_pages = 0;
-    }
+    if (tiers & HKV_TIER_DISK)
+        disk_drop_from(c, u, 0);
     fix_length(c, u);
     maybe_remove(c, slot);
 }
@@ -2289,6 +2282,17 @@ static void disk_enqueue(hkv_cache *c, const hkv_user *u, int32_t page, int32_t 
     c->dq_page[at] = page;
     c->dq_user[at] = u->id;
     c->dq_ix[at] = index;
+}
+
+/* Drop the user's disk records from page `from` on: its history changed
+ * there, a record failed its check, or the user is evicted. */
+static void disk_drop_from(hkv_cache *c, hkv_user *u, int64_t from)
+{
+    if (c->disk == NULL)
+        return;
+    hkv_disk_drop_user(c->disk, u->id, from);
+    if (u->disk_pages > from)
+        u->disk_pages = (int32_t)from;
 }
 
 /* The user slot that still holds host page `page` as its page `index`. */
@@ -2569,9 +2573,7 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
                      * check (or could not be read): drop it and the rest */
                     int64_t miss = u->host_pages;
                     c->stats.disk_read_misses++;
-                    hkv_disk_drop_user(c->disk, u->id, miss);
-                    if (u->disk_pages > miss)
-                        u->disk_pages = (int32_t)miss;
+                    disk_drop_from(c, u, miss);
                     fix_length(c, u);
                     missed_user = u->id;
                     missed_page = miss;
