@@ -24,8 +24,6 @@ hkv_status hkv_xfer_init(hkv_xfer *x, int cuda, int device, int64_t ring_cap,
     x->device = device;
     const char *env = getenv("HSTU_KVCACHE_DEBUG_COPY_DELAY_US");
     x->delay_us = env ? atoi(env) : 0;
-    env = getenv("HSTU_KVCACHE_DEBUG_SKIP_WAITS");
-    x->skip_waits = env != NULL && atoi(env) != 0;
     /* HSTU_KVCACHE_DMA_MIN_BYTES: benchmarks compare the mechanisms (0
      * disables DMA), tests force both paths */
     env = getenv("HSTU_KVCACHE_DEBUG_FAIL_TRANSFERS");
@@ -101,6 +99,27 @@ static void count_time(hkv_xfer *x, int offload, uint64_t ns)
         x->onboard_ns += ns;
         hkv_histogram_observe(&x->onboard_latency, ns);
     }
+}
+
+/* Count a queued (CUDA) or finished (CPU) transfer of n pages; on CUDA
+ * n_kernel of them went by the copy kernel and the rest by DMA (the CPU
+ * path's memcpy is neither).  layer_page_bytes is one page of one layer. */
+static void count_transfer(hkv_xfer *x, int offload, int64_t n, int64_t n_kernel,
+                           int64_t layer_page_bytes, int32_t layers)
+{
+    const uint64_t per_page = (uint64_t)layer_page_bytes * (uint64_t)layers;
+    if (offload) {
+        x->offload_pages += (uint64_t)n;
+        x->offload_bytes += (uint64_t)n * per_page;
+    } else {
+        x->onboard_pages += (uint64_t)n;
+        x->onboard_bytes += (uint64_t)n * per_page;
+    }
+    if (x->cuda) {
+        x->kernel_bytes += (uint64_t)n_kernel * per_page;
+        x->dma_bytes += (uint64_t)(n - n_kernel) * per_page;
+    }
+    x->transfers++;
 }
 
 /* Retire the oldest record: its copy has completed. */
@@ -375,9 +394,7 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         a.dst_ids = host_ids;
         hkv_cpu_copy_pages(&a);
         count_time(x, 1, hkv_now_ns() - t0);
-        x->offload_pages += (uint64_t)n;
-        x->offload_bytes += (uint64_t)bytes;
-        x->transfers++;
+        count_transfer(x, 1, n, 0, a.page_bytes, gpu->num_layers);
         return HKV_OK;
     }
     int64_t slot, old_head, nruns;
@@ -417,11 +434,7 @@ hkv_status hkv_xfer_offload(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
             give_event(x, ev);
         return st;
     }
-    x->offload_pages += (uint64_t)n;
-    x->offload_bytes += (uint64_t)bytes;
-    x->kernel_bytes += (uint64_t)(a.n * a.page_bytes * gpu->num_layers);
-    x->dma_bytes += (uint64_t)((n - a.n) * a.page_bytes * gpu->num_layers);
-    x->transfers++;
+    count_transfer(x, 1, n, a.n, a.page_bytes, gpu->num_layers);
     const int32_t *ids = ring_at(x, slot);  /* host view of the staged ids */
     if (pin_gpu)
         for (int64_t i = 0; i < n; i++)
@@ -455,9 +468,7 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
         a.num_layers = gpu->num_layers;
         hkv_cpu_copy_pages(&a);
         count_time(x, 0, hkv_now_ns() - t0);
-        x->onboard_pages += (uint64_t)n;
-        x->onboard_bytes += (uint64_t)bytes;
-        x->transfers++;
+        count_transfer(x, 0, n, 0, a.page_bytes, gpu->num_layers);
         return HKV_OK;
     }
     /* An offload in flight may still write one of the host pages read here,
@@ -532,11 +543,7 @@ hkv_status hkv_xfer_onboard(hkv_xfer *x, hkv_page *gpu_pages, const hkv_table_de
             give_event(x, ev);
         return st;
     }
-    x->onboard_pages += (uint64_t)n;
-    x->onboard_bytes += (uint64_t)bytes;
-    x->kernel_bytes += (uint64_t)(a.n * a.page_bytes * gpu->num_layers);
-    x->dma_bytes += (uint64_t)((n - a.n) * a.page_bytes * gpu->num_layers);
-    x->transfers++;
+    count_transfer(x, 0, n, a.n, a.page_bytes, gpu->num_layers);
     const int32_t *ids = ring_at(x, slot);
     for (int64_t i = 0; i < n; i++)
         host->pages[ids[i]].pins++;

@@ -91,8 +91,9 @@ typedef struct hkv_xfer {
     int64_t dma_min_bytes;   /* shortest piece worth a DMA; 0: kernel only */
     int64_t offload_queued_bytes;
     /* fault injection (tests): HSTU_KVCACHE_DEBUG_COPY_DELAY_US delays
-     * every copy on its stream, HSTU_KVCACHE_DEBUG_SKIP_WAITS=1 drops the
-     * caller's waits (the ordering tests must then fail) */
+     * every copy on its stream; skip_waits (set by the cache from
+     * HSTU_KVCACHE_DEBUG_SKIP_WAITS=1) drops the waits between transfers
+     * (the ordering tests must then fail) */
     int delay_us;
     int skip_waits;
     int fail_skip;           /* HSTU_KVCACHE_DEBUG_FAIL_TRANSFERS="S:N": after
