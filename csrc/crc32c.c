@@ -180,3 +180,10 @@ int hkv_crc32c_hw(void)
     init();
     return use_hw;
 }
+
+uint32_t hkv_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b)
+{
+    /* reg(A || B) = reg(A) * x^(8|B|) xor reg0(B); in the final-xor form
+     * the two inversions cancel except for A's (zlib's crc32_combine). */
+    return multmodp(x8nmodp(len_b), crc_a) ^ crc_b;
+}

@@ -24,6 +24,11 @@ extern "C" {
 /* CRC-32C of buf[0..len), continuing from `crc` (0 to start). */
 uint32_t hkv_crc32c(uint32_t crc, const void *buf, size_t len);
 
+/* The CRC of A followed by B, from crc_a = CRC(A), crc_b = CRC(B) (each
+ * started from 0) and B's length: how the checksums of pieces computed
+ * apart (on the GPU, say) are chained. */
+uint32_t hkv_crc32c_combine(uint32_t crc_a, uint32_t crc_b, uint64_t len_b);
+
 /* The portable slicing-by-8 path, whatever the CPU has (for tests). */
 uint32_t hkv_crc32c_sw(uint32_t crc, const void *buf, size_t len);
 

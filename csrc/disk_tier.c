@@ -97,6 +97,7 @@ typedef struct op {
     uint8_t kind, state;
     uint8_t cancelled;         /* write dropped by drop_user before done  */
     uint8_t waited;            /* a hkv_disk_wait owns its completion     */
+    uint8_t device;            /* read: iov holds device addresses        */
     hkv_disk_result result;
     int32_t slot;
     int64_t user, page;
@@ -133,6 +134,7 @@ struct hkv_disk {
     struct iovec *wiov;        /* [io_threads][max_iov + 1] scratch        */
     unsigned char *zero_block; /* aligned ALIGN zero bytes (wipes)         */
     hkv_io_pool *pool;
+    hkv_disk_device_reader dev;  /* reads into GPU memory (gds.c), or none */
 
     _Atomic int32_t faults[HKV_DISK_NUM_FAULTS];
 
@@ -736,11 +738,63 @@ static int header_matches(const hkv_disk *d, const struct rec_header *h, const o
            h->data_len == o->data_len && h->token_count == o->tokens;
 }
 
+/* Trim the op's pieces to its data length, into `pieces`; their count. */
+static int trim_pieces(const op *o, struct iovec *pieces)
+{
+    int n = 0;
+    size_t left = (size_t)o->data_len;
+    for (int k = 0; k < o->iovcnt && left > 0; k++, n++) {
+        pieces[n] = o->iov[k];
+        if (pieces[n].iov_len > left)
+            pieces[n].iov_len = left;
+        left -= pieces[n].iov_len;
+    }
+    return n;
+}
+
+/* A read through the device reader: the header block into the staging
+ * buffer and checked here, the data by the reader, which also returns its
+ * CRC (continued from the header's) for the check. */
+static hkv_disk_result io_read_device(hkv_disk *d, op *o, unsigned char *buf,
+                                      struct iovec *wiov, int *bad_check)
+{
+    ssize_t got;
+    if (fault_take(d, HKV_DISK_FAULT_READ_EIO))
+        got = -EIO;
+    else if (fault_take(d, HKV_DISK_FAULT_READ_SHORT))
+        got = HKV_DISK_HEADER_BYTES / 2;
+    else
+        got = read_full(d->fd, buf, HKV_DISK_HEADER_BYTES, slot_offset(d, o->slot));
+    if (got < 0)
+        return HKV_DISK_IO_ERROR;
+    *bad_check = 1;
+    struct rec_header h;
+    memcpy(&h, buf, sizeof h);
+    if (got < HKV_DISK_HEADER_BYTES || !header_matches(d, &h, o))
+        return HKV_DISK_CORRUPT;
+    struct rec_header z = h;
+    z.crc = 0;
+    uint32_t crc = 0;
+    int n = trim_pieces(o, wiov);
+    int err = d->dev.read(d->dev.ctx, d->fd, slot_offset(d, o->slot) + HKV_DISK_HEADER_BYTES,
+                          wiov, n, hkv_crc32c(0, &z, sizeof z), &crc);
+    if (err != 0 && err != ENODATA) {
+        *bad_check = 0;
+        return HKV_DISK_IO_ERROR;
+    }
+    if (err == ENODATA || crc != h.crc)
+        return HKV_DISK_CORRUPT;
+    *bad_check = 0;
+    return HKV_DISK_DONE;
+}
+
 static hkv_disk_result io_read(hkv_disk *d, op *o, unsigned char *buf, struct iovec *wiov,
                                int *bad_check)
 {
     fault_delay(d);
     *bad_check = 0;
+    if (o->device)
+        return io_read_device(d, o, buf, wiov, bad_check);
     int zero_copy = iov_zero_copy(d, o->iov, o->iovcnt) &&
                     (!d->direct || (o->data_len & (ALIGN - 1)) == 0);
     if (zero_copy) {
@@ -749,14 +803,7 @@ static hkv_disk_result io_read(hkv_disk *d, op *o, unsigned char *buf, struct io
          * check those bytes are zeroed again, so a miss never leaves
          * unverified data behind. */
         struct iovec *pieces = wiov + d->cfg.max_iov + 1;  /* kept: rw_full eats wiov */
-        int n = 0;
-        size_t left = (size_t)o->data_len;
-        for (int k = 0; k < o->iovcnt && left > 0; k++, n++) {
-            pieces[n] = o->iov[k];
-            if (pieces[n].iov_len > left)
-                pieces[n].iov_len = left;
-            left -= pieces[n].iov_len;
-        }
+        int n = trim_pieces(o, pieces);
         wiov[0].iov_base = buf;
         wiov[0].iov_len = HKV_DISK_HEADER_BYTES;
         memcpy(wiov + 1, pieces, (size_t)n * sizeof *wiov);
@@ -899,6 +946,7 @@ static void io_run(void *ctx, void *job, int worker)
         /* closing: no I/O, the record stays */
     } else if (r == HKV_DISK_DONE) {
         d->st.bytes_read += HKV_DISK_HEADER_BYTES + o->data_len;
+        d->st.device_reads += o->device;
     } else {
         if (bad_check)
             d->st.checksum_failures++;
@@ -1370,6 +1418,7 @@ hkv_status hkv_disk_write(hkv_disk *d, int64_t user_id, int64_t page_index,
     }
     op *o = &d->ops[i];
     o->kind = OP_WRITE;
+    o->device = 0;
     *ticket = o->ticket;
     d->st.writes_queued++;
     if (!admitted(d, user_id)) {
@@ -1404,9 +1453,9 @@ hkv_status hkv_disk_write(hkv_disk *d, int64_t user_id, int64_t page_index,
     return HKV_OK;
 }
 
-hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
-                         uint64_t fingerprint, const struct iovec *iov, int iovcnt,
-                         uint64_t *ticket)
+static hkv_status submit_read(hkv_disk *d, int64_t user_id, int64_t page_index,
+                              uint64_t fingerprint, const struct iovec *iov, int iovcnt,
+                              int device, uint64_t *ticket)
 {
     *ticket = 0;
     uint64_t total;
@@ -1414,6 +1463,11 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
     if (st != HKV_OK)
         return st;
     pthread_mutex_lock(&d->lock);
+    if (device && d->dev.read == NULL) {
+        pthread_mutex_unlock(&d->lock);
+        return hkv_error(HKV_ESTATE, "a device read needs a device reader "
+                         "(hkv_disk_set_device_reader)");
+    }
     int32_t s = km_get(&d->index, user_id, page_index);
     if (s != NIL && d->slots[s].data_len > total) {
         uint64_t need = d->slots[s].data_len;
@@ -1429,6 +1483,7 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
     }
     op *o = &d->ops[i];
     o->kind = OP_READ;
+    o->device = (uint8_t)device;
     *ticket = o->ticket;
     d->st.reads_queued++;
     if (s == NIL || d->slots[s].fingerprint != fingerprint) {
@@ -1457,6 +1512,35 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
     }
     pthread_mutex_unlock(&d->lock);
     return HKV_OK;
+}
+
+hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
+                         uint64_t fingerprint, const struct iovec *iov, int iovcnt,
+                         uint64_t *ticket)
+{
+    return submit_read(d, user_id, page_index, fingerprint, iov, iovcnt, 0, ticket);
+}
+
+hkv_status hkv_disk_read_device(hkv_disk *d, int64_t user_id, int64_t page_index,
+                                uint64_t fingerprint, const struct iovec *iov,
+                                int iovcnt, uint64_t *ticket)
+{
+    return submit_read(d, user_id, page_index, fingerprint, iov, iovcnt, 1, ticket);
+}
+
+void hkv_disk_set_device_reader(hkv_disk *d, const hkv_disk_device_reader *reader)
+{
+    pthread_mutex_lock(&d->lock);
+    if (reader != NULL)
+        d->dev = *reader;
+    else
+        memset(&d->dev, 0, sizeof d->dev);
+    pthread_mutex_unlock(&d->lock);
+}
+
+int hkv_disk_fd(const hkv_disk *d)
+{
+    return d->fd;
 }
 
 /* ------------------------------------------------------------------ */

@@ -99,6 +99,7 @@ typedef struct hkv_disk_stats {
     uint64_t evicted;           /* records dropped to make room              */
     uint64_t dropped;           /* records dropped by hkv_disk_drop_user     */
     uint64_t bytes_written, bytes_read;  /* record bytes moved by the store  */
+    uint64_t device_reads;      /* reads verified through the device reader  */
     uint64_t recovered;         /* records re-indexed at open (persist)      */
     uint64_t recovery_skipped;  /* written slots rejected at open            */
     int direct_io;              /* 1 if the file is open with O_DIRECT       */
@@ -151,6 +152,41 @@ hkv_status hkv_disk_write(hkv_disk *d, int64_t user_id, int64_t page_index,
 hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
                          uint64_t fingerprint, const struct iovec *iov, int iovcnt,
                          uint64_t *ticket);
+
+/*
+ * Reads into memory the store's threads cannot address, GPU pages for
+ * GPUDirect Storage (gds.c).  The store reads and checks the header block
+ * itself, then hands the data to `read`: it must put the bytes of the n
+ * pieces, which lie back to back in the file from offset `off`, at
+ * pieces[k].iov_base, and set *crc_out to the CRC-32C of all of them
+ * continuing from `crc` (crc32c.h's convention).  It returns 0, ENODATA
+ * for a short read (the record is truncated), or another errno value (an
+ * I/O error).  Called on the I/O threads, several at a time.
+ */
+typedef struct hkv_disk_device_reader {
+    int (*read)(void *ctx, int fd, int64_t off, const struct iovec *pieces, int n,
+                uint32_t crc, uint32_t *crc_out);
+    void *ctx;
+} hkv_disk_device_reader;
+
+/* Install (or, with NULL, remove) the device reader.  Only while no device
+ * read is in flight (hkv_disk_drain first).  The reader is copied. */
+void hkv_disk_set_device_reader(hkv_disk *d, const hkv_disk_device_reader *reader);
+
+/* The store's file descriptor (to register it with cuFile).  It stays open
+ * until hkv_disk_close. */
+int hkv_disk_fd(const hkv_disk *d);
+
+/*
+ * hkv_disk_read through the device reader: the same checks, the same
+ * results, but the iov bases are device addresses the store never
+ * touches itself.  After anything but HKV_DISK_DONE the destination bytes
+ * are unspecified (partly written, unverified): the caller must not use
+ * them.  HKV_ESTATE if no device reader is installed.
+ */
+hkv_status hkv_disk_read_device(hkv_disk *d, int64_t user_id, int64_t page_index,
+                                uint64_t fingerprint, const struct iovec *iov,
+                                int iovcnt, uint64_t *ticket);
 
 /* Take up to `max` completions, oldest first, never blocking.  Returns how
  * many were written to tickets[] / results[] (results may be NULL).  Each

@@ -1324,6 +1324,147 @@ static void test_disk_direct_io_fallback(void)
     rm_dir(dir);
 }
 
+/*
+ * The device-read protocol (hkv_disk_read_device) with a reader on host
+ * memory that works like gds.c's: each piece read on its own (pread, as
+ * cuFileRead), its CRC computed from 0 apart, and the pieces' CRCs chained
+ * onto the header's with hkv_crc32c_combine.  `fail` makes it return that
+ * errno instead.
+ */
+typedef struct host_reader {
+    _Atomic int calls;
+    int fail;
+} host_reader;
+
+static int host_reader_read(void *ctx, int fd, int64_t off, const struct iovec *pieces,
+                            int n, uint32_t crc, uint32_t *crc_out)
+{
+    host_reader *hr = ctx;
+    hr->calls++;
+    if (hr->fail != 0)
+        return hr->fail;
+    for (int k = 0; k < n; k++) {
+        /* through an aligned bounce over whole blocks (the store's fd may
+         * be O_DIRECT; pieces of 3000 bytes start anywhere) */
+        size_t len = pieces[k].iov_len, skip = (size_t)(off & 4095);
+        size_t span = (skip + len + 4095) & ~(size_t)4095;
+        unsigned char *bounce = NULL;
+        if (posix_memalign((void **)&bounce, 4096, span) != 0)
+            return ENOMEM;
+        ssize_t got = pread(fd, bounce, span, off - (int64_t)skip);
+        if (got < 0) {
+            int err = errno;
+            free(bounce);
+            return err;
+        }
+        if ((size_t)got < skip + len) {
+            free(bounce);
+            return ENODATA;
+        }
+        memcpy(pieces[k].iov_base, bounce + skip, len);
+        free(bounce);
+        crc = hkv_crc32c_combine(crc, hkv_crc32c(0, pieces[k].iov_base, len), len);
+        off += (int64_t)len;
+    }
+    *crc_out = crc;
+    return 0;
+}
+
+static int read_page_device(hkv_disk *d, int64_t user, int64_t page, uint64_t fp,
+                            hkv_disk_result want)
+{
+    page_buf p;
+    page_init(&p);
+    memset(p.bytes, 0xA5, sizeof p.bytes);
+    uint64_t ticket;
+    hkv_disk_result r = HKV_DISK_DONE;
+    HCHECK_ST(hkv_disk_read_device(d, user, page, fp, p.iov, LAYERS, &ticket), HKV_OK);
+    HCHECK_ST(hkv_disk_wait(d, ticket, -1, &r), HKV_OK);
+    if (r != want) {
+        test_fail(__FILE__, __LINE__, "device read (%lld, %lld): %s, want %s",
+                  (long long)user, (long long)page, hkv_disk_result_name(r),
+                  hkv_disk_result_name(want));
+        return 1;
+    }
+    return r == HKV_DISK_DONE ? page_matches(&p, user, page, fp) : 0;
+}
+
+static void test_disk_crc32c_combine(void)
+{
+    static unsigned char buf[20000];
+    test_rng r = {11};
+    for (size_t i = 0; i < sizeof buf; i++)
+        buf[i] = (unsigned char)rng_next(&r);
+    for (int t = 0; t < 200; t++) {
+        size_t len = (size_t)rng_below(&r, sizeof buf);
+        size_t cut = len == 0 ? 0 : (size_t)rng_below(&r, (int64_t)len + 1);
+        CHECK_EQ(hkv_crc32c_combine(hkv_crc32c(0, buf, cut), hkv_crc32c(0, buf + cut, len - cut),
+                                    len - cut),
+                 hkv_crc32c(0, buf, len));
+    }
+    CHECK_EQ(hkv_crc32c_combine(0x12345678u, 0, 0), 0x12345678u);
+}
+
+static void test_disk_device_reader(void)
+{
+    char dir[256];
+    make_dir(dir, sizeof dir);
+    hkv_disk_config cfg = cfg_for(dir, 16);
+    hkv_disk *d = NULL;
+    CHECK_OK(hkv_disk_open(&cfg, &d));
+    for (int p = 0; p < 6; p++)
+        CHECK(write_page(d, 3, p, fp_of(3, p, 0), HKV_DISK_DONE) == 0);
+    page_buf b;
+    page_init(&b);
+    uint64_t ticket;
+    /* no reader installed: refused, nothing queued */
+    CHECK_ST(hkv_disk_read_device(d, 3, 0, fp_of(3, 0, 0), b.iov, LAYERS, &ticket),
+             HKV_ESTATE);
+    host_reader hr = {0};
+    hkv_disk_device_reader reader = {host_reader_read, &hr};
+    hkv_disk_set_device_reader(d, &reader);
+    CHECK(hkv_disk_fd(d) >= 0);
+    CHECK(read_page_device(d, 3, 0, fp_of(3, 0, 0), HKV_DISK_DONE) == 0);
+    CHECK(read_page_device(d, 3, 1, fp_of(3, 1, 0), HKV_DISK_DONE) == 0);
+    CHECK_EQ(hr.calls, 2);
+    /* absent key / other fingerprint: a miss without a call */
+    CHECK(read_page_device(d, 3, 9, 1, HKV_DISK_MISS) == 0);
+    CHECK(read_page_device(d, 3, 0, 12345, HKV_DISK_MISS) == 0);
+    CHECK_EQ(hr.calls, 2);
+    /* a flipped data bit: the reader's CRC disagrees; a flipped header
+     * bit: refused before the reader runs */
+    CHECK(flip_bit(d, hkv_disk_record_offset(d, 3, 2) + HKV_DISK_HEADER_BYTES + 777, 3) == 0);
+    CHECK(read_page_device(d, 3, 2, fp_of(3, 2, 0), HKV_DISK_CORRUPT) == 0);
+    CHECK_EQ(hr.calls, 3);
+    CHECK(flip_bit(d, hkv_disk_record_offset(d, 3, 3) + 32, 1) == 0);
+    CHECK(read_page_device(d, 3, 3, fp_of(3, 3, 0), HKV_DISK_CORRUPT) == 0);
+    CHECK_EQ(hr.calls, 3);
+    CHECK(!hkv_disk_contains(d, 3, 2, fp_of(3, 2, 0)));
+    CHECK(!hkv_disk_contains(d, 3, 3, fp_of(3, 3, 0)));
+    /* the reader's I/O error and short read; an injected header EIO */
+    hr.fail = EIO;
+    CHECK(read_page_device(d, 3, 4, fp_of(3, 4, 0), HKV_DISK_IO_ERROR) == 0);
+    CHECK(write_page(d, 3, 4, fp_of(3, 4, 0), HKV_DISK_DONE) == 0);
+    hr.fail = ENODATA;
+    CHECK(read_page_device(d, 3, 4, fp_of(3, 4, 0), HKV_DISK_CORRUPT) == 0);
+    hr.fail = 0;
+    CHECK_OK(hkv_disk_inject(d, HKV_DISK_FAULT_READ_EIO, 1));
+    CHECK(read_page_device(d, 3, 5, fp_of(3, 5, 0), HKV_DISK_IO_ERROR) == 0);
+    hkv_disk_stats st;
+    hkv_disk_get_stats(d, &st);
+    CHECK_EQ(st.device_reads, 2);
+    CHECK_EQ(st.checksum_failures, 3);
+    CHECK_EQ(st.io_errors, 2);
+    /* host reads still work beside it; removing the reader refuses again */
+    CHECK(read_page(d, 3, 0, fp_of(3, 0, 0), HKV_DISK_DONE) == 0);
+    hkv_disk_set_device_reader(d, NULL);
+    CHECK_ST(hkv_disk_read_device(d, 3, 0, fp_of(3, 0, 0), b.iov, LAYERS, &ticket),
+             HKV_ESTATE);
+    CHECK_OK(hkv_disk_check(d));
+    hkv_disk_close(d);
+    rm_dir(dir);
+}
+
 static void test_disk_round_trip(void);
 static void test_disk_flipped_bits(void);
 static void test_disk_truncated_file(void);
@@ -1336,7 +1477,8 @@ static void test_disk_buffered_io(void)
     test_direct = 0;
     void (*tests[])(void) = {test_disk_round_trip, test_disk_flipped_bits,
                              test_disk_truncated_file, test_disk_eio_injection,
-                             test_disk_persist_torn_records, test_disk_zero_copy_aligned};
+                             test_disk_persist_torn_records, test_disk_zero_copy_aligned,
+                             test_disk_device_reader};
     for (size_t i = 0; i < sizeof tests / sizeof tests[0] && !hkv_test_failed; i++)
         tests[i]();
     test_direct = 1;
@@ -1424,6 +1566,8 @@ void run_disk_tests(void)
 {
     RUN(test_disk_in_the_cache);
     RUN(test_disk_crc32c);
+    RUN(test_disk_crc32c_combine);
+    RUN(test_disk_device_reader);
     RUN(test_disk_round_trip);
     RUN(test_disk_rewrite_newest_wins);
     RUN(test_disk_admission);
