@@ -117,7 +117,7 @@ setup(
             sources=c_sources,
             include_dirs=["csrc"],
             extra_compile_args=C_FLAGS,
-            libraries=["pthread"],
+            libraries=["pthread", "dl"],
         )
     ],
     cmdclass={"build_ext": BuildExt},

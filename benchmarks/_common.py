@@ -369,13 +369,16 @@ def _plot_tiers(doc: Dict[str, Any], plt: Any) -> Any:
 def _plot_disk(doc: Dict[str, Any], plt: Any) -> Any:
     """Disk store write/read GB/s next to raw I/O of the same bytes and
     file flags measured in the same run."""
-    r = doc["results"]
+    r = dict(doc["results"])
+    if "gds" in r.get("paths", {}):
+        r["gds_read_gbps"] = r["paths"]["gds"]["read_gbps"]
     groups = [("write", [("raw, contiguous", "raw_write_gbps"),
                          ("raw, store's pieces", "raw_pwritev_9_pieces_gbps"),
                          ("store", "store_write_gbps")]),
               ("read", [("raw, contiguous", "raw_read_gbps"),
                         ("raw, store's pieces", "raw_preadv_9_pieces_gbps"),
-                        ("store (CRC checked)", "store_read_gbps")]),
+                        ("store (CRC checked)", "store_read_gbps"),
+                        ("store, GDS to GPU", "gds_read_gbps")]),
               ("durable write", [("raw + fdatasync", "raw_write_fdatasync_each_gbps"),
                                  ("store, persist", "store_write_persist_gbps")])]
     fig, ax = plt.subplots(figsize=(12, 4.5))

@@ -6,7 +6,12 @@ with the same file flags (O_DIRECT) measured in the same run.
 Workload (issue: disk tier): 8 layers, 4 heads x 256, bf16, page 32: one
 page record is 1 MiB of K/V, a 4096-token user 128 MiB.
 
-    python benchmarks/bench_disk.py [--dir DIR] [--users 8] [--device cuda|cpu] [--out DIR]
+With GPUDirect Storage (``disk_gds``) on a CUDA device the read-back and the
+onboarding run twice: staged (disk -> pinned host page -> GPU, the default)
+and direct (cuFile reads into the GPU pages, checked there).
+
+    python benchmarks/bench_disk.py [--dir DIR] [--users 8] [--device cuda|cpu]
+                                    [--gds off|on|both] [--out DIR]
 """
 
 from __future__ import annotations
@@ -59,36 +64,19 @@ def raw_io(directory: str, nbytes: int, piece: int = 1 << 20) -> tuple[float, fl
     return write, read
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", default=None, help="directory of the disk tier (default: a "
-                    "temporary directory under $TMPDIR)")
-    ap.add_argument("--users", type=int, default=8)
-    ap.add_argument("--device", default="cuda" if hk.cuda_available() else "cpu")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--out", default=None)
-    add_plot_only(ap)
-    args = ap.parse_args()
-    if args.plot_only:
-        plot_file(Path(args.plot_only))
-        return
-    tmp = None
-    if args.dir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="hkv_bench_disk.")
-        args.dir = tmp.name
+def measure(args: argparse.Namespace, directory: str, dev: str, gds: str,
+            total: int) -> dict:
+    """Write-through, read-back and one user's onboarding through one cache
+    whose disk reads are staged (gds='off') or direct (gds='on')."""
     n = args.users
-    total = n * USER_BYTES
-    raw_w, raw_r = raw_io(args.dir, total)
-    print(f"raw O_DIRECT on {args.dir}: write {raw_w:.2f} GB/s, read {raw_r:.2f} GB/s", flush=True)
     pages = n * TOKENS // PAGE
     cache = hk.KVCache(hk.KVCacheConfig(
         num_layers=LAYERS, num_heads=HEADS, head_dim=HEAD_DIM, page_size=PAGE,
         num_pages=pages + 64, dtype="bfloat16", device=args.device, max_batch_size=n,
         max_seq_len=TOKENS, host_capacity_bytes=(pages + 64) * PAGE_BYTES,
-        disk_dir=args.dir, disk_capacity_bytes=2 * total + (64 << 20), disk_admit_after=0))
+        disk_dir=directory, disk_capacity_bytes=2 * total + (64 << 20), disk_admit_after=0,
+        disk_gds=gds))
     ids = list(range(n))
-    dev = "cuda" if args.device.startswith("cuda") else "cpu"
     k = torch.randn(LAYERS, n * TOKENS, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=dev)
     writes, reads, one_user = [], [], []
     for r in range(args.repeat):
@@ -116,28 +104,83 @@ def main() -> None:
             if dev == "cuda":
                 torch.cuda.synchronize()
             reads.append(total / (time.perf_counter() - t0) / 1e9)
-        print(f"[{r + 1}/{args.repeat}] write {writes[-1]:.2f} GB/s, read {reads[-1]:.2f} GB/s, "
-              f"one 4096-token user {one_user[-1]:.1f} ms", flush=True)
+            for layer in (0, LAYERS - 1):           # what came back is what went down
+                kg, _ = cache.gather(layer, b)
+                assert torch.equal(kg, k[layer]), f"layer {layer} differs ({gds})"
+        print(f"[{gds} {r + 1}/{args.repeat}] write {writes[-1]:.2f} GB/s, read "
+              f"{reads[-1]:.2f} GB/s, one 4096-token user {one_user[-1]:.1f} ms", flush=True)
     s = cache.stats()
+    status = cache.disk_gds_status()
     cache.close()
+    if gds == "on":
+        assert s["disk_gds_reads"] == s["disk_reads"] > 0, "the reads did not go direct"
+    return {"write_gbps": statistics.median(writes), "read_gbps": statistics.median(reads),
+            "user_4096_tokens_onboard_ms": statistics.median(one_user),
+            "reads_gbps_all": reads, "user_ms_all": one_user, "gds_status": status,
+            "stats": {key: s[key] for key in ("disk_writes", "disk_reads", "disk_gds_reads",
+                                              "disk_read_misses", "checksum_failures",
+                                              "disk_io_errors", "disk_records")}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dir", default=None, help="directory of the disk tier (default: a "
+                    "temporary directory under $TMPDIR)")
+    ap.add_argument("--users", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if hk.cuda_available() else "cpu")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--gds", choices=("off", "on", "both"), default="both",
+                    help="disk reads staged through the host (off), straight to the GPU "
+                    "with GPUDirect Storage (on), or each in turn (both; CUDA only)")
+    ap.add_argument("--out", default=None)
+    add_plot_only(ap)
+    args = ap.parse_args()
+    if args.plot_only:
+        plot_file(Path(args.plot_only))
+        return
+    tmp = None
+    if args.dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="hkv_bench_disk.")
+        args.dir = tmp.name
+    n = args.users
+    total = n * USER_BYTES
+    raw_w, raw_r = raw_io(args.dir, total)
+    print(f"raw O_DIRECT on {args.dir}: write {raw_w:.2f} GB/s, read {raw_r:.2f} GB/s", flush=True)
+    dev = "cuda" if args.device.startswith("cuda") else "cpu"
+    paths = ["off"] if dev == "cpu" or args.gds == "off" else (
+        ["on"] if args.gds == "on" else ["off", "on"])
+    res = {"raw_write_gbps": raw_w, "raw_read_gbps": raw_r, "paths": {}}
+    for gds in paths:
+        sub = os.path.join(args.dir, "gds_" + gds)
+        os.makedirs(sub, exist_ok=True)
+        res["paths"]["gds" if gds == "on" else "staged"] = measure(args, sub, dev, gds, total)
     if tmp is not None:
         tmp.cleanup()
-    res = {"raw_write_gbps": raw_w, "raw_read_gbps": raw_r,
-           "store_write_gbps": statistics.median(writes),
-           "store_read_gbps": statistics.median(reads),
-           "store_write_of_raw": statistics.median(writes) / raw_w,
-           "store_read_of_raw": statistics.median(reads) / raw_r,
-           "user_4096_tokens_onboard_ms": statistics.median(one_user),
-           "stats": {key: s[key] for key in ("disk_writes", "disk_reads", "disk_read_misses",
-                                             "checksum_failures", "disk_io_errors",
-                                             "disk_records")}}
+    staged = res["paths"].get("staged")
+    for name, r in res["paths"].items():
+        r["write_of_raw"] = r["write_gbps"] / raw_w
+        r["read_of_raw"] = r["read_gbps"] / raw_r
+        if staged is not None and name != "staged":
+            r["read_of_staged"] = r["read_gbps"] / staged["read_gbps"]
+            r["user_ms_of_staged"] = r["user_4096_tokens_onboard_ms"] / \
+                staged["user_4096_tokens_onboard_ms"]
+    # the headline figures (the default path, as before)
+    first = res["paths"]["staged" if staged is not None else "gds"]
+    res.update({"store_write_gbps": first["write_gbps"], "store_read_gbps": first["read_gbps"],
+                "store_write_of_raw": first["write_of_raw"],
+                "store_read_of_raw": first["read_of_raw"],
+                "user_4096_tokens_onboard_ms": first["user_4096_tokens_onboard_ms"]})
     print()
-    print(table(["what", "GB/s", "of raw"],
-                [["cache write-through to disk", res["store_write_gbps"], res["store_write_of_raw"]],
-                 ["cache read-back disk -> " + dev, res["store_read_gbps"], res["store_read_of_raw"]],
-                 ["raw O_DIRECT write", raw_w, 1.0], ["raw O_DIRECT read", raw_r, 1.0]]))
-    print(f"\nonboarding one 4096-token user ({USER_BYTES >> 20} MiB) from disk: "
-          f"{res['user_4096_tokens_onboard_ms']:.1f} ms")
+    rows = []
+    for name, r in res["paths"].items():
+        how = "disk -> host -> " + dev if name == "staged" else \
+            f"disk -> GPU (GDS, {r['gds_status']})"
+        rows.append([f"write-through ({name})", r["write_gbps"], r["write_of_raw"], "-"])
+        rows.append([f"read-back {how}", r["read_gbps"], r["read_of_raw"],
+                     r["user_4096_tokens_onboard_ms"]])
+    rows += [["raw O_DIRECT write", raw_w, 1.0, "-"], ["raw O_DIRECT read", raw_r, 1.0, "-"]]
+    print(table(["what", "GB/s", "of raw", "4096-token user, ms"], rows))
     path = write_results("disk_cache_" + (gpu_tag() if dev == "cuda" else "cpu"), {
         "workload": {"layers": LAYERS, "heads": HEADS, "head_dim": HEAD_DIM, "page_size": PAGE,
                      "tokens_per_user": TOKENS, "users": n, "dtype": "bfloat16",

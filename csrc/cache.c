@@ -18,6 +18,7 @@
 
 #include "async_queue.h"
 #include "disk_tier.h"
+#include "gds.h"
 #include "cuda_rt.h"
 #include "host_tier.h"
 #include "page_pool.h"
@@ -139,7 +140,8 @@ struct hkv_cache {
     int32_t *dt_page;                /* per disk ticket index: host page  */
     int64_t *dt_user;
     int32_t *dt_ix;
-    int8_t *dt_kind;                 /* 0 free, 1 write, 2 read           */
+    int8_t *dt_kind;                 /* 0 free, 1 write, 2 read (into a
+                                        host page, or a GPU page for GDS) */
     /* reads completed and not yet taken by the stage-in (ticket indexes
      * are reused once polled, so completions move here) */
     int32_t *rd_page;
@@ -150,8 +152,12 @@ struct hkv_cache {
     uint64_t *disk_fps;              /* fingerprints of one user's pages  */
     pthread_mutex_t stage_lock;      /* one disk stage-in at a time       */
     int32_t *si_slot;                /* stage-in scratch, per batch entry */
-    int64_t *si_next, *si_need, *si_koff;
+    int64_t *si_next, *si_need, *si_koff, *si_first;
     uint8_t *si_miss;
+    uint8_t *si_gds;                 /* 1: this user's reads go to the GPU */
+    hkv_gds *gds;                    /* GPUDirect Storage reader, or NULL  */
+    void *gds_event;                 /* orders direct reads after the caller */
+    char gds_status[512];
 };
 
 /* ------------------------------------------------------------------ */
@@ -247,7 +253,8 @@ static const uint64_t *request_fingerprints(hkv_cache *c, const int64_t *keys, i
 static int32_t disk_lookup_new_user(hkv_cache *c, int64_t user_id, int64_t length);
 static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user_ids,
                                 const int64_t *cached_lengths, const uint64_t *epochs,
-                                const int64_t *token_keys, const int64_t *history_lengths);
+                                const int64_t *token_keys, const int64_t *history_lengths,
+                                void *stream, void *ready);
 
 /* Batches and prefetches pin their users: never evicted, pages counted in
  * pinned_pages. */
@@ -655,16 +662,61 @@ static hkv_status disk_open(hkv_cache *c, const hkv_config *cfg)
     c->si_need = malloc(bsz * sizeof *c->si_need);
     c->si_koff = malloc(bsz * sizeof *c->si_koff);
     c->si_miss = malloc(bsz);
+    c->si_first = malloc(bsz * sizeof *c->si_first);
+    c->si_gds = calloc(bsz, 1);
     if (!c->host_ix || !c->dq_page || !c->dq_user || !c->dq_ix || !c->dt_page ||
         !c->dt_user || !c->dt_ix || !c->dt_kind || !c->rd_page || !c->rd_user ||
-        !c->rd_ix || !c->rd_result || !c->disk_fps ||
-        !c->si_slot || !c->si_next || !c->si_need || !c->si_koff || !c->si_miss)
+        !c->rd_ix || !c->rd_result || !c->disk_fps || !c->si_slot || !c->si_next ||
+        !c->si_need || !c->si_koff || !c->si_miss || !c->si_first || !c->si_gds)
         return hkv_error(HKV_ENOMEM, "out of host memory");
+    return HKV_OK;
+}
+
+/*
+ * GPUDirect Storage below the GPU table, when asked for: disk reads of
+ * users the GPU tier continues go straight into GPU pages (see
+ * disk_stage_in).  Where it does not work, "auto" keeps the staged path
+ * and says why in the status; "on" fails the create.
+ */
+static hkv_status gds_open(hkv_cache *c)
+{
+    const hkv_config *cfg = &c->cfg;
+    if (cfg->disk_gds == 0 || c->disk == NULL) {
+        snprintf(c->gds_status, sizeof c->gds_status, "off");
+        return HKV_OK;
+    }
+    hkv_status st = is_cuda(c)
+        ? hkv_gds_open(cfg->device_index, hkv_disk_fd(c->disk), c->table.base,
+                       (size_t)hkv_layer_bytes(&c->table) * (size_t)cfg->num_layers,
+                       hkv_disk_io_threads(c->disk), cfg->num_layers,
+                       hkv_page_bytes(&c->table), &c->gds)
+        : hkv_error(HKV_ENODEV, "GPUDirect Storage needs a CUDA device (the cache "
+                    "is on the CPU)");
+    if (st == HKV_OK)
+        st = hkv_cuda_event_create(cfg->device_index, &c->gds_event);
+    if (st != HKV_OK) {
+        snprintf(c->gds_status, sizeof c->gds_status, "unavailable: %s", hkv_last_error());
+        hkv_gds_close(c->gds);
+        c->gds = NULL;
+        return cfg->disk_gds == 2 ? st : HKV_OK;
+    }
+    hkv_disk_set_device_reader(c->disk, hkv_gds_reader(c->gds));
+    snprintf(c->gds_status, sizeof c->gds_status, "%s", hkv_gds_mode(c->gds));
     return HKV_OK;
 }
 
 static void disk_free(hkv_cache *c)
 {
+    if (c->gds != NULL) {
+        /* no direct read may run while the reader goes */
+        hkv_disk_drain(c->disk);
+        hkv_disk_set_device_reader(c->disk, NULL);
+        hkv_gds_close(c->gds);
+        c->gds = NULL;
+    }
+    if (c->gds_event != NULL)
+        (void)hkv_cuda_event_destroy(c->cfg.device_index, c->gds_event);
+    c->gds_event = NULL;
     /* cancels queued I/O and waits for the running one: no host page is
      * referenced by the store after this */
     hkv_disk_close(c->disk);
@@ -687,6 +739,8 @@ static void disk_free(hkv_cache *c)
     free(c->si_need);
     free(c->si_koff);
     free(c->si_miss);
+    free(c->si_first);
+    free(c->si_gds);
 }
 
 static hkv_status check_config(const hkv_config *cfg)
@@ -739,6 +793,10 @@ static hkv_status check_config(const hkv_config *cfg)
                          "cache a host tier too");
     if (cfg->disk_dir != NULL && cfg->disk_capacity_bytes <= 0)
         return hkv_error(HKV_EINVAL, "disk_capacity_bytes must be positive");
+    if (cfg->disk_gds < 0 || cfg->disk_gds > 2)
+        return hkv_error(HKV_EINVAL, "disk_gds must be 0 (off), 1 (auto) or 2 (on)");
+    if (cfg->disk_gds != 0 && cfg->disk_dir == NULL)
+        return hkv_error(HKV_EINVAL, "disk_gds reads the disk tier: give disk_dir too");
     if (cfg->disk_admit_after < 0)
         return hkv_error(HKV_EINVAL, "disk_admit_after must not be negative");
     if (cfg->disk_dir != NULL && cfg->num_layers > HKV_MAX_DISK_LAYERS)
@@ -906,6 +964,9 @@ hkv_status hkv_cache_create(const hkv_config *cfg_in, hkv_cache **out)
     if (st != HKV_OK)
         goto fail;
     c->table.base = c->table_buf->ptr;
+    st = gds_open(c);
+    if (st != HKV_OK)
+        goto fail;
     c->stats.pages_total = cfg.num_pages;
     c->stats.host_pages_total = cfg.host_pages;
     *out = c;
@@ -1265,7 +1326,7 @@ hkv_status hkv_cache_allocate_after(hkv_cache *c, int32_t batch, const int64_t *
         pthread_mutex_unlock(&c->lock);
         if (st == HKV_OK)
             st = disk_stage_in(c, batch, user_ids, cached_lengths, epochs, token_keys,
-                               history_lengths);
+                               history_lengths, stream, ready);
         if (st != HKV_OK)
             return st;
     }
@@ -2456,17 +2517,85 @@ static int take_read(hkv_cache *c, int64_t user_id, int64_t index, int32_t *page
 }
 
 /*
+ * Direct reads (GPUDirect Storage) write GPU pages from the host side,
+ * outside every stream.  A page taken now may have been freed while work
+ * queued before this call still reads or writes it (a released batch's
+ * kernels), or while a copy still reads it: wait for the caller's stream
+ * as of the call, once, before the first read.  Called with the lock held;
+ * drops it while waiting.
+ */
+static hkv_status gds_order(hkv_cache *c, void *stream, void *ready)
+{
+    if (c->skip_waits)
+        return HKV_OK;  /* fault injection: the ordering test's control */
+    pthread_mutex_unlock(&c->lock);
+    hkv_status st = ready != NULL
+        ? hkv_cuda_event_sync(c->cfg.device_index, ready)
+        : hkv_cuda_event_record(c->cfg.device_index, c->gds_event, stream);
+    if (st == HKV_OK && ready == NULL)
+        st = hkv_cuda_event_sync(c->cfg.device_index, c->gds_event);
+    pthread_mutex_lock(&c->lock);
+    return st;
+}
+
+/* A free GPU page for a direct read of the user in `slot` (evicting, and
+ * writing back, as an allocation would), or HKV_NO_PAGE. */
+static int32_t gds_page(hkv_cache *c, int32_t slot, hkv_status *st)
+{
+    *st = HKV_OK;
+    int32_t page = hkv_page_alloc(&c->pool, slot);
+    while (page == HKV_NO_PAGE && evict_one_page(c))
+        page = hkv_page_alloc(&c->pool, slot);
+    if (page != HKV_NO_PAGE && c->pool.pages[page].pins > 0 && !c->skip_waits) {
+        /* a copy still reads its old content: the read must not overtake it */
+        *st = hkv_cuda_event_sync(c->cfg.device_index, c->xfer.offload_done);
+        if (*st != HKV_OK) {
+            hkv_page_release(&c->pool, page);
+            page = HKV_NO_PAGE;
+        }
+    }
+    return page;
+}
+
+/* The per-layer pieces of GPU page `page` (a record's data, in order). */
+static void gds_iov(hkv_cache *c, int32_t page, struct iovec *iov)
+{
+    const int64_t pb = hkv_page_bytes(&c->table), lb = hkv_layer_bytes(&c->table);
+    for (int32_t l = 0; l < c->cfg.num_layers; l++) {
+        iov[l].iov_base = (char *)c->table.base + l * lb + (int64_t)page * pb;
+        iov[l].iov_len = (size_t)pb;
+    }
+}
+
+/* Give back a page a read was meant for but that joins no chain. */
+static void stage_release(hkv_cache *c, int gds, int32_t page)
+{
+    if (gds)
+        hkv_page_release(&c->pool, page);
+    else
+        hkv_host_release(&c->host, page);
+}
+
+/*
  * Before an allocation: bring the pages of its cached prefixes that only
- * the disk holds to the host tier.  Reads run on the store's threads while
- * the cache is unlocked (the users are pinned meanwhile), at most the
- * store's max_in_flight at a time; pages join the host chain in order.  A
- * read that misses drops the user's records from that page on and
- * shortens its cached length (new epoch): the allocation then fails as
- * stale and the caller recomputes those tokens.
+ * the disk holds up a tier.  Staged (the default): into host pages, then
+ * the allocation onboards them like any host page.  With GPUDirect
+ * Storage, for users whose host chain does not go past their GPU chain
+ * (the pages follow the GPU chain directly): straight into GPU pages,
+ * which join the GPU chain once verified, so the allocation finds them
+ * there.  A user GDS cannot serve (no GPU page free) finishes staged.
+ *
+ * Reads run on the store's threads while the cache is unlocked (the
+ * batch's users are pinned meanwhile), at most the store's max_in_flight
+ * at a time; pages join their chain in order.  A read that misses drops
+ * the user's records from that page on and shortens its cached length
+ * (new epoch): the allocation then fails as stale and the caller
+ * recomputes those tokens.
  */
 static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user_ids,
                                 const int64_t *cached_lengths, const uint64_t *epochs,
-                                const int64_t *token_keys, const int64_t *history_lengths)
+                                const int64_t *token_keys, const int64_t *history_lengths,
+                                void *stream, void *ready)
 {
     if (c->disk == NULL)
         return HKV_OK;
@@ -2481,28 +2610,59 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
      * query frees nothing now; the allocation reports it) */
     (void)hkv_xfer_reap(&c->xfer, c->pool.pages, &c->host);
     /* per user: slot (pinned here), next page to submit, pages needed,
-     * key offset, whether a read missed */
-    int users = 0;
+     * key offset, whether a read missed, the path */
+    int users = 0, direct = 0;
     int64_t key_off = 0;
     for (int32_t b = 0; b < batch; b++) {
         int64_t koff = key_off;
         key_off += history_lengths[b];
         c->si_slot[b] = HKV_NO_USER;
         int32_t slot = hkv_user_find(&c->users, user_ids[b]);
-        if (slot == HKV_NO_USER || cached_lengths[b] <= 0)
+        if (slot == HKV_NO_USER)
             continue;
         hkv_user *u = &c->users.users[slot];
-        int64_t need = hkv_div_up(cached_lengths[b], ps);
-        if (u->epoch != epochs[b] || need <= u->num_pages || need <= u->host_pages ||
-            u->pins > 0 || need > u->disk_pages)
-            continue;  /* nothing to read here (allocate sorts out the rest) */
+        int64_t need = cached_lengths[b] > 0 ? hkv_div_up(cached_lengths[b], ps) : 0;
+        if (cached_lengths[b] <= 0 || u->epoch != epochs[b] || need <= u->num_pages ||
+            need <= u->host_pages || u->pins > 0 || need > u->disk_pages) {
+            /* nothing to read here (allocate sorts out the rest); users
+             * with pages stay pinned, so reading for the others never
+             * evicts them */
+            if (u->num_pages > 0 || u->host_pages > 0) {
+                pin_user(c, u);
+                c->si_slot[b] = slot;
+                c->si_need[b] = -1;
+            }
+            continue;
+        }
         pin_user(c, u);
         c->si_slot[b] = slot;
-        c->si_next[b] = u->host_pages;
+        c->si_gds[b] = c->gds != NULL && u->host_pages <= u->num_pages;
+        c->si_next[b] = c->si_gds[b] ? u->num_pages : u->host_pages;
+        c->si_first[b] = c->si_next[b];
         c->si_need[b] = need;
         c->si_koff[b] = koff;
-        c->si_miss[b] = 0;   /* 1 once a read missed, 2: no host room */
+        c->si_miss[b] = 0;   /* 1 once a read missed, 2: no host room, 3: no GPU room */
+        if (c->gds != NULL && !c->si_gds[b])
+            c->stats.disk_gds_fallbacks++;
+        direct += c->si_gds[b];
         users++;
+    }
+    hkv_status st = HKV_OK;
+    if (direct > 0) {
+        /* write-backs of evictions follow the caller's appends; direct
+         * reads follow everything the caller queued */
+        st = ready != NULL ? hkv_xfer_begin_after(&c->xfer, ready)
+                           : hkv_xfer_begin(&c->xfer, stream);
+        if (st == HKV_OK)
+            st = gds_order(c, stream, ready);
+        for (int32_t b = 0; st != HKV_OK && b < batch; b++)
+            if (c->si_slot[b] != HKV_NO_USER && c->si_need[b] >= 0 && c->si_gds[b]) {
+                /* staged, as if GDS were off */
+                hkv_user *u = &c->users.users[c->si_slot[b]];
+                c->si_gds[b] = 0;
+                c->si_next[b] = c->si_first[b] = u->host_pages;
+            }
+        st = HKV_OK;
     }
     int64_t missed_user = -1, missed_page = -1;
     while (users > 0) {
@@ -2511,76 +2671,113 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
             if (slot == HKV_NO_USER || c->si_need[b] < 0)
                 continue;
             hkv_user *u = &c->users.users[slot];
+            const int gds = c->si_gds[b];
             const uint64_t *fps = token_keys != NULL
                 ? request_fingerprints(c, token_keys + c->si_koff[b], c->si_need[b])
                 : NULL;
             /* submit what the store takes */
             while (!c->si_miss[b] && c->si_next[b] < c->si_need[b]) {
                 int64_t i = c->si_next[b];
-                int32_t hp = hkv_host_alloc(&c->host, slot);
-                while (hp == HKV_NO_PAGE && evict_one_host_page(c, slot))
-                    hp = hkv_host_alloc(&c->host, slot);
-                if (hp == HKV_NO_PAGE) {
-                    c->si_miss[b] = 2;   /* no host room: stop (allocate says so) */
-                    break;
+                int32_t page;
+                if (gds) {
+                    page = gds_page(c, slot, &st);
+                    if (page == HKV_NO_PAGE) {
+                        c->si_miss[b] = 3;   /* no GPU room: the rest staged */
+                        break;
+                    }
+                    gds_iov(c, page, iov);
+                } else {
+                    page = hkv_host_alloc(&c->host, slot);
+                    while (page == HKV_NO_PAGE && evict_one_host_page(c, slot))
+                        page = hkv_host_alloc(&c->host, slot);
+                    if (page == HKV_NO_PAGE) {
+                        c->si_miss[b] = 2;   /* no host room: stop (allocate says so) */
+                        break;
+                    }
+                    disk_iov(c, page, iov);
                 }
                 uint64_t ticket;
-                disk_iov(c, hp, iov);
-                hkv_status st = hkv_disk_read(c->disk, u->id, i, fps ? fps[i] : 0, iov,
-                                              c->cfg.num_layers, &ticket);
-                if (st != HKV_OK) {
-                    hkv_host_release(&c->host, hp);
-                    if (st != HKV_EBUSY)
+                hkv_status rs = gds
+                    ? hkv_disk_read_device(c->disk, u->id, i, fps ? fps[i] : 0, iov,
+                                           c->cfg.num_layers, &ticket)
+                    : hkv_disk_read(c->disk, u->id, i, fps ? fps[i] : 0, iov,
+                                    c->cfg.num_layers, &ticket);
+                if (rs != HKV_OK) {
+                    stage_release(c, gds, page);
+                    if (rs != HKV_EBUSY)
                         c->si_miss[b] = 1;
                     break;
                 }
-                if (fps != NULL) {
-                    memcpy(c->host.keys.keys + (int64_t)hp * ps,
+                if (fps != NULL && !gds) {
+                    memcpy(c->host.keys.keys + (int64_t)page * ps,
                            token_keys + c->si_koff[b] + i * ps, (size_t)ps * sizeof(int64_t));
-                    c->host.keys.fingerprints[hp] = fps[i];
+                    c->host.keys.fingerprints[page] = fps[i];
                 }
                 int32_t t = hkv_disk_ticket_index(ticket);
                 c->dt_kind[t] = 2;
-                c->dt_page[t] = hp;
+                c->dt_page[t] = page;
                 c->dt_user[t] = u->id;
                 c->dt_ix[t] = (int32_t)i;
                 c->si_next[b] = i + 1;
             }
             /* take finished reads in page order; after a miss, drop */
-            int32_t hp;
+            int32_t page;
             int res;
-            while (!c->si_miss[b] && take_read(c, u->id, u->host_pages, &hp, &res)) {
-                if (res == HKV_DISK_DONE) {
-                    hkv_host_push(&c->host, u, hp);
-                    c->host_ix[hp] = u->host_pages - 1;
+            while (!c->si_miss[b] &&
+                   take_read(c, u->id, gds ? u->num_pages : u->host_pages, &page, &res)) {
+                if (res != HKV_DISK_DONE) {
+                    stage_release(c, gds, page);
+                    c->si_miss[b] = 1;
+                } else if (gds) {
+                    hkv_user_push_page(&c->pool, u, page);
+                    c->pinned_pages++;  /* the user is pinned */
+                    if (token_keys != NULL)
+                        hkv_filter_store(&c->filter, &c->pool, u, token_keys + c->si_koff[b],
+                                         (int64_t)(u->num_pages - 1) * ps,
+                                         (int64_t)u->num_pages * ps);
                     c->stats.disk_reads++;
-                    continue;
+                    c->stats.disk_gds_reads++;
+                } else {
+                    hkv_host_push(&c->host, u, page);
+                    c->host_ix[page] = u->host_pages - 1;
+                    c->stats.disk_reads++;
                 }
-                hkv_host_release(&c->host, hp);
-                c->si_miss[b] = 1;
             }
-            while (c->si_miss[b] && take_read(c, u->id, -1, &hp, &res))
-                hkv_host_release(&c->host, hp);
-            int done = c->si_miss[b] || u->host_pages >= c->si_need[b];
+            while (c->si_miss[b] && take_read(c, u->id, -1, &page, &res))
+                stage_release(c, gds, page);
+            int have = gds ? u->num_pages : u->host_pages;
+            int done = c->si_miss[b] || have >= c->si_need[b];
             int mine = 0;
             for (int32_t t = 0; t < hkv_disk_ticket_capacity(c->disk); t++)
                 mine += c->dt_kind[t] == 2 && c->dt_user[t] == u->id;
             for (int32_t k = 0; k < c->rd_count; k++)
                 mine += c->rd_user[k] == u->id;
-            if (done && mine == 0) {
-                if (c->si_miss[b] == 1) {
-                    /* the record of the first page not taken failed its
-                     * check (or could not be read): drop it and the rest */
-                    int64_t miss = u->host_pages;
-                    c->stats.disk_read_misses++;
-                    disk_drop_from(c, u, miss);
-                    fix_length(c, u);
-                    missed_user = u->id;
-                    missed_page = miss;
-                }
-                c->si_need[b] = -1;  /* finished; stays pinned until the end */
-                users--;
+            if (!done || mine > 0)
+                continue;
+            if (have > c->si_first[b])
+                hkv_events_emit(&c->events, HKV_EVENT_ONBOARDED,
+                                gds ? HKV_TIER_GPU : HKV_TIER_HOST, HKV_TIER_DISK, u->id,
+                                c->si_first[b], have - c->si_first[b]);
+            if (c->si_miss[b] == 3) {
+                /* no GPU page for a direct read: the rest through the host */
+                c->si_gds[b] = 0;
+                c->si_miss[b] = 0;
+                c->si_next[b] = c->si_first[b] = u->host_pages;
+                c->stats.disk_gds_fallbacks++;
+                continue;
             }
+            if (c->si_miss[b] == 1) {
+                /* the record of the first page not taken failed its check
+                 * (or could not be read): drop it and the rest */
+                int64_t miss = have;
+                c->stats.disk_read_misses++;
+                disk_drop_from(c, u, miss);
+                fix_length(c, u);
+                missed_user = u->id;
+                missed_page = miss;
+            }
+            c->si_need[b] = -1;  /* finished; stays pinned until the end */
+            users--;
         }
         if (users == 0)
             break;
@@ -2590,7 +2787,7 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
         disk_pump(c);
     }
     /* Users stay pinned until every one is staged, so staging one never
-     * evicts the host pages just read for another. */
+     * evicts the pages just read for another. */
     for (int32_t b = 0; b < batch; b++)
         if (c->si_slot[b] != HKV_NO_USER)
             unpin_user(c, c->si_slot[b]);
@@ -2840,6 +3037,11 @@ hkv_status hkv_cache_sync_transfers(hkv_cache *c)
     return st;
 }
 
+const char *hkv_cache_gds_status(const hkv_cache *c)
+{
+    return c->gds_status[0] != '\0' ? c->gds_status : "off";
+}
+
 void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
 {
     pthread_mutex_lock(&c->lock);
@@ -2873,6 +3075,7 @@ void hkv_cache_stats(hkv_cache *c, hkv_stats *out)
             c->stats.disk_in_flight = ds.in_flight;
             c->stats.checksum_failures = ds.checksum_failures;
             c->stats.disk_io_errors = ds.io_errors;
+            c->stats.disk_gds_active = c->gds != NULL;
         }
         c->stats.onboard_ns = c->xfer.onboard_ns;
         c->stats.offload_ns = c->xfer.offload_ns;

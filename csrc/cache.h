@@ -61,6 +61,10 @@ typedef struct hkv_config {
     int32_t disk_persist;      /* 1: records survive close and reopen     */
     int32_t disk_admit_after;  /* requests of a user before its pages are
                                   written to disk; 0: at once             */
+    int32_t disk_gds;          /* GPUDirect Storage for disk -> GPU reads:
+                                  0 off (staged through the host tier),
+                                  1 where cuFile works, 2 required (create
+                                  fails when it does not)                 */
     int32_t early_reuse;       /* 1: a batch may read and continue a user's
                                   tokens that a batch in flight is still
                                   appending; 0: such a user is busy       */
@@ -110,6 +114,10 @@ typedef struct hkv_stats {
     uint64_t disk_read_misses;   /* reads that found no valid record        */
     uint64_t checksum_failures;  /* records dropped by a failed check       */
     uint64_t disk_io_errors;
+    uint64_t disk_gds_reads;     /* of disk_reads: straight into GPU pages  */
+    uint64_t disk_gds_fallbacks; /* users read through the host instead:
+                                    host chain longer than the GPU's, or
+                                    no GPU page free                        */
     /* gauges */
     int64_t pages_total;
     int64_t pages_free;
@@ -127,6 +135,7 @@ typedef struct hkv_stats {
     int64_t disk_bytes_used;
     int64_t disk_bytes_capacity;
     int64_t disk_in_flight;      /* disk reads and writes not yet done      */
+    int64_t disk_gds_active;     /* 1 when disk reads go straight to GPU    */
     /* latency of the host-side calls */
     hkv_histogram lookup_latency;
     hkv_histogram allocate_latency;
@@ -333,6 +342,10 @@ void hkv_cache_user_tiers(hkv_cache *c, int64_t user_id, int64_t *gpu_tokens,
 hkv_status hkv_cache_sync_transfers(hkv_cache *c);
 
 void hkv_cache_stats(hkv_cache *c, hkv_stats *out);
+/* How disk reads reach the GPU: "off" (no disk tier, or GDS not asked
+ * for), "direct" / "compat" (GPUDirect Storage, see gds.h), or
+ * "unavailable: <why>" (asked for where it does not work: staged). */
+const char *hkv_cache_gds_status(const hkv_cache *c);
 
 /* Move up to `max` of the oldest event records into out (oldest first);
  * *count receives how many.  Holds the cache lock only to copy. */

@@ -44,6 +44,9 @@ hkv_status hkv_cuda_memcpy2d_async(int device, void *dst, size_t dpitch, const v
                                    void *stream);
 
 hkv_status hkv_cuda_stream_sync(int device, void *stream);
+/* Make `device` current on the calling thread (threads of the core's own
+ * that call CUDA libraries, e.g. cuFile, rather than hkv_cuda_*). */
+hkv_status hkv_cuda_set_device(int device);
 /* A non-blocking stream (no implicit sync with the legacy stream). */
 hkv_status hkv_cuda_stream_create(int device, void **stream);
 hkv_status hkv_cuda_stream_destroy(int device, void *stream);

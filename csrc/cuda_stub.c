@@ -132,6 +132,12 @@ hkv_status hkv_cuda_stream_sync(int device, void *stream)
     return no_cuda("hkv_cuda_stream_sync");
 }
 
+hkv_status hkv_cuda_set_device(int device)
+{
+    (void)device;
+    return no_cuda("hkv_cuda_set_device");
+}
+
 hkv_status hkv_cuda_event_create(int device, void **event)
 {
     (void)device;

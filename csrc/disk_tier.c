@@ -1543,6 +1543,11 @@ int hkv_disk_fd(const hkv_disk *d)
     return d->fd;
 }
 
+int hkv_disk_io_threads(const hkv_disk *d)
+{
+    return d->num_workers;
+}
+
 /* ------------------------------------------------------------------ */
 /* completions                                                         */
 

@@ -176,6 +176,8 @@ void hkv_disk_set_device_reader(hkv_disk *d, const hkv_disk_device_reader *reade
 /* The store's file descriptor (to register it with cuFile).  It stays open
  * until hkv_disk_close. */
 int hkv_disk_fd(const hkv_disk *d);
+/* Its I/O threads (as many reads can run at once). */
+int hkv_disk_io_threads(const hkv_disk *d);
 
 /*
  * hkv_disk_read through the device reader: the same checks, the same

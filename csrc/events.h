@@ -51,8 +51,9 @@ enum {
     HKV_EVENT_NUM_KINDS
 };
 
-/* Tiers, with the values of HKV_TIER_GPU / HKV_TIER_HOST of cache.h. */
-enum { HKV_EVENT_TIER_GPU = 1, HKV_EVENT_TIER_HOST = 2 };
+/* Tiers, with the values of HKV_TIER_* of cache.h.  The disk tier is only
+ * ever the source of an onboarding (its own records are the store's). */
+enum { HKV_EVENT_TIER_GPU = 1, HKV_EVENT_TIER_HOST = 2, HKV_EVENT_TIER_DISK = 4 };
 
 /* Largest capacity accepted (records of 48 bytes: 768 MiB). */
 #define HKV_EVENTS_MAX_CAPACITY (1 << 24)

@@ -331,10 +331,10 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "max_open_batches", "host_pages", "offload_mode",
                              "max_offload_bytes", "event_capacity", "early_reuse",
                              "kernel_copies", "disk_dir", "disk_capacity_bytes",
-                             "disk_persist", "disk_admit_after", NULL};
+                             "disk_persist", "disk_admit_after", "disk_gds", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLippzLpi", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLippzLpii", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
@@ -346,7 +346,7 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                                      &cfg.event_capacity, &cfg.early_reuse,
                                      &cfg.kernel_copies, &cfg.disk_dir,
                                      &cfg.disk_capacity_bytes, &cfg.disk_persist,
-                                     &cfg.disk_admit_after))
+                                     &cfg.disk_admit_after, &cfg.disk_gds))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");
@@ -848,6 +848,7 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     ITEM(events_pending) ITEM(disk_writes) ITEM(disk_write_failures) ITEM(disk_reads)
     ITEM(disk_read_misses) ITEM(checksum_failures) ITEM(disk_io_errors)
     ITEM(disk_records) ITEM(disk_bytes_used) ITEM(disk_bytes_capacity) ITEM(disk_in_flight)
+    ITEM(disk_gds_reads) ITEM(disk_gds_fallbacks) ITEM(disk_gds_active)
 #undef ITEM
     if (put_float(d, "onboard_seconds", (double)s.onboard_ns * 1e-9) != 0 ||
         put_float(d, "offload_seconds", (double)s.offload_ns * 1e-9) != 0) {
@@ -864,7 +865,17 @@ static PyObject *Cache_stats(CacheObject *self, PyObject *unused)
     return d;
 }
 
+static PyObject *Cache_gds_status(CacheObject *self, PyObject *unused)
+{
+    (void)unused;
+    if (!cache_ready(self))
+        return NULL;
+    return PyUnicode_FromString(hkv_cache_gds_status(self->cache));
+}
+
 static PyMethodDef Cache_methods[] = {
+    {"gds_status", (PyCFunction)Cache_gds_status, METH_NOARGS,
+     "How disk reads reach the GPU: off, direct, compat or unavailable: why."},
     {"close", (PyCFunction)Cache_close, METH_NOARGS, "Free the cache's memory."},
     {"lookup", (PyCFunction)Cache_lookup, METH_VARARGS,
      "lookup(user_ids, history_lengths, token_keys, cached_out, epochs_out)"},

@@ -166,6 +166,11 @@ extern "C" hkv_status hkv_cuda_stream_sync(int device, void *stream)
     return HKV_OK;
 }
 
+extern "C" hkv_status hkv_cuda_set_device(int device)
+{
+    return hkv::set_device(device);
+}
+
 extern "C" hkv_status hkv_cuda_stream_create(int device, void **stream)
 {
     cudaStream_t s = NULL;

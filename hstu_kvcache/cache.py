@@ -254,6 +254,31 @@ class PendingBatch:
         return batch
 
 
+def _preload_cufile() -> None:
+    """Make libcufile findable for the core's dlopen where it came with pip.
+
+    The core looks for ``libcufile.so.0`` on the loader's path and in
+    CUDA's usual places.  PyTorch's CUDA wheels ship it inside the
+    ``nvidia`` packages instead; loading it here by its full path makes the
+    core's dlopen by name find it.  Nothing happens when it is absent.
+    """
+    import ctypes
+    import glob
+    import os
+    import sys
+
+    if os.environ.get("HSTU_KVCACHE_CUFILE_LIB"):
+        return
+    for root in sys.path:
+        for path in sorted(glob.glob(os.path.join(root or ".", "nvidia", "*", "lib",
+                                                  "libcufile.so.0"))):
+            try:
+                ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+                return
+            except OSError:
+                continue
+
+
 class KVCache:
     """A paged KV cache for HSTU inference (see :class:`KVCacheConfig`).
 
@@ -266,6 +291,8 @@ class KVCache:
             raise InvalidArgumentError("KVCache needs a KVCacheConfig")
         self.config = config
         code, bits = DTYPES[config.dtype]
+        if config.disk_gds != "off" and config.device_kind != "cpu":
+            _preload_cufile()
         self._native = _C.Cache(
             num_layers=config.num_layers, num_heads=config.num_heads,
             head_dim=config.head_dim, page_size=config.page_size,
@@ -283,7 +310,8 @@ class KVCache:
             early_reuse=config.early_reuse,
             kernel_copies=not config.copy_engines,
             disk_dir=config.disk_dir, disk_capacity_bytes=config.disk_capacity_bytes,
-            disk_persist=config.disk_persist, disk_admit_after=config.disk_admit_after)
+            disk_persist=config.disk_persist, disk_admit_after=config.disk_admit_after,
+            disk_gds={"off": 0, "auto": 1, "on": 2}[config.disk_gds])
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)
@@ -518,6 +546,18 @@ class KVCache:
         without a disk tier).  A record can still fail its check when read:
         it is then a miss."""
         return int(self._native.user_tiers(int(user_id))[2])
+
+    def disk_gds_status(self) -> str:
+        """How reads from the disk tier reach the GPU.
+
+        ``'off'`` (no disk tier, or ``disk_gds='off'``: staged through the
+        host tier), ``'direct'`` (GPUDirect Storage with the nvidia-fs
+        driver: DMA from the drive into GPU memory), ``'compat'`` (cuFile's
+        compatibility mode: it reads into its own pinned buffers and
+        copies), or ``'unavailable: <why>'`` (``disk_gds='auto'`` where
+        cuFile does not work: staged).
+        """
+        return str(self._native.gds_status())
 
     def sync_transfers(self) -> None:
         """Block until every onboard and offload in flight has completed."""

@@ -121,6 +121,19 @@ class KVCacheConfig:
             is made durable before it counts); False starts empty.
         disk_admit_after: requests of a user before its pages are written
             to disk (default 2: spares the SSD one-off users); 0: at once.
+        disk_gds: GPUDirect Storage for reads from the disk tier.
+            ``'off'`` (default): disk -> pinned host page -> GPU (the staged
+            path).  ``'auto'``: where NVIDIA's cuFile (libcufile) loads and
+            opens, records of users whose pages continue their GPU pages
+            are read straight into GPU pages and checked there; elsewhere
+            the staged path, and :meth:`KVCache.disk_gds_status` says why.
+            ``'on'``: like auto, but creating the cache fails where cuFile
+            does not work.  A direct read first waits for the work queued
+            on the caller's stream (the pages it writes may still be read
+            there), so it does not overlap the previous batch's compute the
+            way the staged path does; benchmarks/bench_disk.py measures
+            both.  Without the nvidia-fs kernel module cuFile runs in
+            compatibility mode (``disk_gds_status() == 'compat'``).
         copy_engines: how tier transfers move pages on CUDA.  True
             (default): runs of consecutive pages go by DMA on the GPU's copy
             engines (97-99 % of the PCIe link on an H100), scattered pages
@@ -164,6 +177,7 @@ class KVCacheConfig:
     disk_capacity_bytes: int = 0
     disk_persist: bool = False
     disk_admit_after: int = 2
+    disk_gds: str = "off"
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
 
@@ -202,6 +216,11 @@ class KVCacheConfig:
             raise InvalidArgumentError(f"disk_persist must be a bool, got {self.disk_persist!r}")
         set_(self, "disk_admit_after",
              _positive_int("disk_admit_after", self.disk_admit_after, 0, 2**30))
+        if self.disk_gds not in ("off", "auto", "on"):
+            raise InvalidArgumentError(
+                f"disk_gds must be 'off', 'auto' or 'on', got {self.disk_gds!r}")
+        if self.disk_gds != "off" and self.disk_dir is None:
+            raise InvalidArgumentError("disk_gds reads the disk tier: set disk_dir too")
         if not isinstance(self.copy_engines, bool):
             raise InvalidArgumentError(f"copy_engines must be a bool, got {self.copy_engines!r}")
         if not isinstance(self.early_reuse, bool):

@@ -14,8 +14,10 @@ Kinds (:class:`EventKind`, a ``str`` enum, so ``event.kind == "stored"`` works):
 - ``removed``: the pages left ``tier`` (eviction, ``evict``, a rewritten
   history).  A consumer may see ``removed`` for pages it never saw added;
   it ignores them.
-- ``onboarded``: the pages were copied from ``from_tier`` (``'host'``) to
-  ``tier`` (``'gpu'``); the host copy stays.
+- ``onboarded``: the pages were copied from ``from_tier`` to ``tier``:
+  ``'host'`` to ``'gpu'``, ``'disk'`` to ``'host'`` (a disk-tier read,
+  staged), or ``'disk'`` to ``'gpu'`` (GPUDirect Storage).  The source copy
+  stays.
 - ``offloaded``: the pages were copied from ``from_tier`` (``'gpu'``) to
   ``tier`` (``'host'``); the GPU copy stays until a ``removed`` event.
 
@@ -59,7 +61,7 @@ _KINDS = {
 }
 
 #: core tier code -> name
-TIER_NAMES = {_C.TIER_GPU: "gpu", _C.TIER_HOST: "host"}
+TIER_NAMES = {_C.TIER_GPU: "gpu", _C.TIER_HOST: "host", _C.TIER_DISK: "disk"}
 
 
 class CacheEvent(NamedTuple):
@@ -70,7 +72,8 @@ class CacheEvent(NamedTuple):
         seq: sequence number of the record (0, 1, ... over the cache's life).
         kind: what happened (:class:`EventKind`).
         tier: ``'gpu'`` or ``'host'``: the tier the pages are now on (or left).
-        from_tier: the source tier of a copy (``onboarded``/``offloaded``);
+        from_tier: the source tier of a copy (``onboarded``/``offloaded``;
+            ``'disk'`` for a read from the disk tier);
             equal to ``tier`` for ``stored`` and ``removed``.
         user_id: the user.
         page_index: first page of the run, counted in the user's history.

@@ -174,7 +174,15 @@ METRICS: Dict[str, MetricSpec] = {
         "pages"),
     "disk_reads": MetricSpec(
         "hstu_kvcache_disk_reads_total", _C,
-        "Pages read back from the disk tier into the host tier (checked).", "pages"),
+        "Pages read back from the disk tier (checked): into the host tier, or "
+        "straight into GPU pages with GPUDirect Storage.", "pages"),
+    "disk_gds_reads": MetricSpec(
+        "hstu_kvcache_disk_gds_reads_total", _C,
+        "Of disk_reads: pages read straight into GPU pages (GPUDirect Storage).", "pages"),
+    "disk_gds_fallbacks": MetricSpec(
+        "hstu_kvcache_disk_gds_fallbacks_total", _C,
+        "Users whose disk pages went through the host tier although GPUDirect "
+        "Storage is on (host copy ahead of the GPU's, or no free GPU page).", "users"),
     "disk_read_misses": MetricSpec(
         "hstu_kvcache_disk_read_misses_total", _C,
         "Disk reads that found no valid record: the tokens were recomputed.", "reads"),
@@ -234,6 +242,10 @@ METRICS: Dict[str, MetricSpec] = {
     "disk_in_flight": MetricSpec(
         "hstu_kvcache_disk_in_flight", _G,
         "Disk reads and writes submitted and not yet collected.", "operations"),
+    "disk_gds_active": MetricSpec(
+        "hstu_kvcache_disk_gds_active", _G,
+        "1 when disk reads go straight to GPU memory (GPUDirect Storage), else 0.",
+        "flag"),
     "events_pending": MetricSpec(
         "hstu_kvcache_events_pending", _G,
         "Cache event records waiting for drain_events().", "events"),

@@ -227,3 +227,36 @@ def test_a_user_longer_than_the_reads_in_flight(tmp_path):
     assert serve(cache, 1, 704, ref, 31) == 700
     assert cache.stats()["disk_reads"] == 175
     cache.check()
+
+
+def test_gds_options_on_the_cpu(tmp_path):
+    """GPUDirect Storage needs a CUDA device: 'on' refuses to create the
+    cache, 'auto' keeps the staged path and says why."""
+    with pytest.raises(InvalidArgumentError, match="disk_gds"):
+        make(tmp_path, disk_gds="yes")
+    with pytest.raises(InvalidArgumentError, match="disk_dir"):
+        hk.KVCacheConfig(num_layers=L, num_heads=H, head_dim=D, num_pages=4, disk_gds="auto")
+    with pytest.raises(hk.KVCacheError, match="needs a CUDA device"):
+        make(tmp_path, disk_gds="on")
+    assert make(tmp_path).disk_gds_status() == "off"
+    assert hk.KVCache(hk.KVCacheConfig(num_layers=L, num_heads=H, head_dim=D,
+                                       num_pages=4)).disk_gds_status() == "off"
+    cache, ref = make(tmp_path, disk_gds="auto"), {}
+    assert cache.disk_gds_status().startswith("unavailable: GPUDirect Storage needs a CUDA")
+    serve(cache, 1, 16, ref, 40)
+    push_down(cache, [1])
+    assert serve(cache, 1, 20, ref, 41) == 16      # staged: disk -> host -> GPU
+    s = cache.stats()
+    assert s["disk_gds_active"] == 0 and s["disk_gds_reads"] == 0 and s["disk_reads"] == 4
+    cache.check()
+
+
+def test_disk_reads_are_onboarding_events(tmp_path):
+    cache, ref = make(tmp_path, event_capacity=256), {}
+    serve(cache, 1, 32, ref, 42)
+    push_down(cache, [1])
+    cache.drain_events()
+    serve(cache, 1, 36, ref, 43)
+    onboarded = [(e.tier, e.from_tier, e.page_index, e.num_pages)
+                 for e in cache.drain_events() if e.kind == "onboarded"]
+    assert onboarded == [("host", "disk", 0, 8), ("gpu", "host", 0, 8)]

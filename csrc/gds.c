@@ -1,0 +1,406 @@
+/*
+ * gds.c - GPUDirect Storage for the disk tier: cuFile, loaded at run
+ * time, reads a record's data straight into the GPU pages it is meant
+ * for, and the data is checked there.
+ *
+ * The store (disk_tier.c) still reads and checks a record's 4 KiB header
+ * block itself.  This reader gets the data's pieces (one per layer, each a
+ * GPU address) and:
+ *
+ *   1. reads each piece with cuFileRead (synchronous: the bytes are in GPU
+ *      memory when it returns, or it failed);
+ *   2. computes each piece's CRC-32C on the GPU from 0 (hkv_cuda_crc32c,
+ *      cuda/crc32c.cu) on the lane's stream, results in pinned memory;
+ *   3. waits for the lane's stream and chains the pieces' CRCs onto the
+ *      header's on the host (hkv_crc32c_combine).
+ *
+ * The store compares the result with the header's CRC, so a record is
+ * "done" only once its bytes were verified where they landed.  A lane
+ * (stream, scratch, result words) per I/O thread keeps concurrent reads
+ * apart.
+ *
+ * We declare the handful of cuFile types ourselves (their layout is the
+ * documented C ABI of cufile.h) so building needs no cuFile headers, and
+ * running needs libcufile only when GPUDirect Storage is asked for.
+ */
+#define _GNU_SOURCE
+#include "gds.h"
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/types.h>
+
+#include "crc32c.h"
+#include "cuda_rt.h"
+#include "kernels.h"
+
+/* cufile.h's CUfileError_t, CUfileDescr_t and handle type. */
+typedef struct cufile_error {
+    int err;      /* CUfileOpError: 0 is success */
+    int cu_err;   /* CUresult, when err names a CUDA failure */
+} cufile_error;
+
+typedef struct cufile_descr {
+    int type;                           /* 1: CU_FILE_HANDLE_TYPE_OPAQUE_FD */
+    union {
+        int fd;
+        void *handle;
+    } handle;
+    const void *fs_ops;                 /* NULL for a POSIX descriptor */
+} cufile_descr;
+
+enum { CUFILE_HANDLE_TYPE_OPAQUE_FD = 1 };
+
+typedef struct cufile_api {
+    cufile_error (*driver_open)(void);
+    cufile_error (*driver_close)(void);
+    cufile_error (*handle_register)(void **fh, cufile_descr *descr);
+    void (*handle_deregister)(void *fh);
+    cufile_error (*buf_register)(const void *base, size_t length, int flags);
+    cufile_error (*buf_deregister)(const void *base);
+    ssize_t (*read)(void *fh, void *base, size_t size, off_t file_offset,
+                    off_t buf_offset);
+    const char *(*error_string)(int err);  /* cufileop_status_error; optional */
+} cufile_api;
+
+typedef struct gds_lane {
+    void *stream;
+    uint32_t *scratch;      /* device: crc scratch of max_pieces pieces   */
+    uint32_t *crc_host;     /* pinned: one CRC per piece                  */
+    uint32_t *crc_dev;      /* the device's address of crc_host           */
+    int busy;
+} gds_lane;
+
+struct hkv_gds {
+    int device;
+    void *file;             /* CUfileHandle_t of the store's descriptor   */
+    const char *base;       /* registered buffer, or NULL                 */
+    size_t bytes;
+    int direct;             /* nvidia-fs is loaded                        */
+    int max_pieces;
+    int64_t scratch_words;  /* per piece                                  */
+    pthread_mutex_t lock;
+    pthread_cond_t lane_free;
+    gds_lane *lanes;
+    int num_lanes;
+    hkv_disk_device_reader reader;
+};
+
+/* The library and its driver are process-wide: loaded once, the driver
+ * opened while any reader exists (several caches may share it). */
+static pthread_mutex_t api_lock = PTHREAD_MUTEX_INITIALIZER;
+static cufile_api api;
+static void *api_lib;
+static char api_path[4096];   /* what api_lib was loaded as */
+static int driver_users;
+
+/* dlopen libcufile: HSTU_KVCACHE_CUFILE_LIB when set (and only it),
+ * else the loader's path, then CUDA's usual places. */
+static void *load_library(char *why, size_t n)
+{
+    const char *env = getenv("HSTU_KVCACHE_CUFILE_LIB");
+    const char *home = getenv("CUDA_HOME");
+    char in_home[4096];
+    snprintf(in_home, sizeof in_home, "%s/lib64/libcufile.so.0", home ? home : "");
+    const char *names[] = {
+        "libcufile.so.0", "libcufile.so", home ? in_home : NULL,
+        "/usr/local/cuda/lib64/libcufile.so.0",
+        "/usr/local/cuda/targets/x86_64-linux/lib/libcufile.so.0",
+        "/usr/local/cuda/targets/sbsa-linux/lib/libcufile.so.0",
+    };
+    if (env != NULL && env[0] != '\0') {
+        names[0] = env;
+        names[1] = names[2] = names[3] = names[4] = names[5] = NULL;
+    }
+    why[0] = '\0';
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
+        if (names[i] == NULL)
+            continue;
+        void *lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (lib != NULL) {
+            snprintf(api_path, sizeof api_path, "%s", names[i]);
+            return lib;
+        }
+        const char *e = dlerror();
+        if (why[0] == '\0')
+            snprintf(why, n, "%s", e ? e : "dlopen failed");
+    }
+    return NULL;
+}
+
+/* cuFile's words for an error code, when the library has them. */
+static const char *op_error(int err)
+{
+    const char *s = api.error_string != NULL ? api.error_string(err) : NULL;
+    return s != NULL ? s : "no description";
+}
+
+/* Load libcufile and open its driver (once per process).  Lock held. */
+static hkv_status api_acquire(void)
+{
+    const char *env = getenv("HSTU_KVCACHE_CUFILE_LIB");
+    if (api_lib != NULL && env != NULL && env[0] != '\0' && strcmp(env, api_path) != 0) {
+        /* loaded already; the variable names a library: it must be that one */
+        void *lib = dlopen(env, RTLD_NOW | RTLD_LOCAL);
+        if (lib == NULL) {
+            const char *e = dlerror();
+            return hkv_error(HKV_ENODEV, "GPUDirect Storage: libcufile could not be "
+                             "loaded (%s) from HSTU_KVCACHE_CUFILE_LIB", e ? e : "?");
+        }
+        int same = lib == api_lib;
+        dlclose(lib);
+        if (!same)
+            return hkv_error(HKV_ENODEV, "GPUDirect Storage: HSTU_KVCACHE_CUFILE_LIB "
+                             "names another libcufile than the one this process "
+                             "loaded (%s)", api_path);
+    }
+    if (api_lib == NULL) {
+        char why[512] = "";
+        void *lib = load_library(why, sizeof why);
+        if (lib == NULL)
+            return hkv_error(HKV_ENODEV, "GPUDirect Storage: libcufile could not be "
+                             "loaded (%s); install CUDA's GDS package (libcufile) or set "
+                             "HSTU_KVCACHE_CUFILE_LIB to its path", why);
+        cufile_api a;
+        memset(&a, 0, sizeof a);
+        /* function pointers from dlsym: the POSIX way (void * -> function) */
+        *(void **)&a.driver_open = dlsym(lib, "cuFileDriverOpen");
+        *(void **)&a.driver_close = dlsym(lib, "cuFileDriverClose_v2");
+        if (a.driver_close == NULL)
+            *(void **)&a.driver_close = dlsym(lib, "cuFileDriverClose");
+        *(void **)&a.handle_register = dlsym(lib, "cuFileHandleRegister");
+        *(void **)&a.handle_deregister = dlsym(lib, "cuFileHandleDeregister");
+        *(void **)&a.buf_register = dlsym(lib, "cuFileBufRegister");
+        *(void **)&a.buf_deregister = dlsym(lib, "cuFileBufDeregister");
+        *(void **)&a.read = dlsym(lib, "cuFileRead");
+        *(void **)&a.error_string = dlsym(lib, "cufileop_status_error");
+        if (!a.driver_open || !a.driver_close || !a.handle_register ||
+            !a.handle_deregister || !a.buf_register || !a.buf_deregister || !a.read) {
+            dlclose(lib);
+            return hkv_error(HKV_ENODEV, "GPUDirect Storage: libcufile lacks the cuFile "
+                             "entry points this package uses (too old?)");
+        }
+        api = a;
+        api_lib = lib;  /* kept loaded: cuFile starts threads of its own */
+    }
+    if (driver_users == 0) {
+        cufile_error e = api.driver_open();
+        if (e.err != 0)
+            return hkv_error(HKV_ENODEV, "GPUDirect Storage: cuFileDriverOpen failed: "
+                             "%s (cuFile error %d, CUDA error %d); check /etc/cufile.json "
+                             "(allow_compat_mode) and the nvidia-fs module",
+                             op_error(e.err), e.err, e.cu_err);
+    }
+    driver_users++;
+    return HKV_OK;
+}
+
+static void api_release(void)
+{
+    if (--driver_users == 0)
+        (void)api.driver_close();
+}
+
+/* nvidia-fs (the kernel module behind true direct DMA) is loaded. */
+static int nvfs_loaded(void)
+{
+    FILE *f = fopen("/proc/modules", "r");
+    if (f == NULL)
+        return 0;
+    char line[512];
+    int found = 0;
+    while (!found && fgets(line, sizeof line, f) != NULL)
+        found = strncmp(line, "nvidia_fs ", 10) == 0;
+    fclose(f);
+    return found;
+}
+
+static gds_lane *lane_take(hkv_gds *g)
+{
+    pthread_mutex_lock(&g->lock);
+    for (;;) {
+        for (int i = 0; i < g->num_lanes; i++)
+            if (!g->lanes[i].busy) {
+                g->lanes[i].busy = 1;
+                pthread_mutex_unlock(&g->lock);
+                return &g->lanes[i];
+            }
+        pthread_cond_wait(&g->lane_free, &g->lock);
+    }
+}
+
+static void lane_give(hkv_gds *g, gds_lane *lane)
+{
+    pthread_mutex_lock(&g->lock);
+    lane->busy = 0;
+    pthread_cond_signal(&g->lane_free);
+    pthread_mutex_unlock(&g->lock);
+}
+
+/* The store's device reader (see gds.h and disk_tier.h for the contract). */
+static int gds_read(void *ctx, int fd, int64_t off, const struct iovec *pieces, int n,
+                    uint32_t crc, uint32_t *crc_out)
+{
+    hkv_gds *g = ctx;
+    (void)fd;  /* registered at open */
+    if (n < 0 || n > g->max_pieces)
+        return EINVAL;
+    if (hkv_cuda_set_device(g->device) != HKV_OK)
+        return EIO;
+    for (int k = 0; k < n; k++) {
+        const char *dst = pieces[k].iov_base;
+        size_t len = pieces[k].iov_len;
+        /* a registered buffer is named by its base, plus an offset */
+        int inside = g->base != NULL && dst >= g->base && dst + len <= g->base + g->bytes;
+        ssize_t got = inside
+            ? api.read(g->file, (void *)g->base, len, (off_t)off, (off_t)(dst - g->base))
+            : api.read(g->file, (void *)dst, len, (off_t)off, 0);
+        if (got < 0)
+            return got == -1 && errno != 0 ? errno : EIO;  /* -1: errno; else cuFile's */
+        if ((size_t)got < len)
+            return ENODATA;  /* the file ends inside the record */
+        off += (int64_t)len;
+    }
+    gds_lane *lane = lane_take(g);
+    hkv_status st = HKV_OK;
+    for (int k = 0; st == HKV_OK && k < n; k++)
+        st = hkv_cuda_crc32c(pieces[k].iov_base, (int64_t)pieces[k].iov_len, 0,
+                             lane->scratch + k * g->scratch_words, lane->crc_dev + k,
+                             g->device, lane->stream);
+    if (st == HKV_OK)
+        st = hkv_cuda_stream_sync(g->device, lane->stream);
+    for (int k = 0; st == HKV_OK && k < n; k++)
+        crc = hkv_crc32c_combine(crc, lane->crc_host[k], pieces[k].iov_len);
+    lane_give(g, lane);
+    if (st != HKV_OK)
+        return EIO;
+    *crc_out = crc;
+    return 0;
+}
+
+void hkv_gds_close(hkv_gds *g)
+{
+    if (g == NULL)
+        return;
+    for (int i = 0; i < g->num_lanes; i++) {
+        gds_lane *lane = &g->lanes[i];
+        if (lane->stream != NULL)
+            (void)hkv_cuda_stream_destroy(g->device, lane->stream);
+        if (lane->scratch != NULL)
+            (void)hkv_cuda_free(g->device, lane->scratch);
+        if (lane->crc_host != NULL)
+            (void)hkv_cuda_host_free(lane->crc_host);
+    }
+    free(g->lanes);
+    pthread_mutex_lock(&api_lock);
+    if (g->base != NULL)
+        (void)api.buf_deregister(g->base);
+    if (g->file != NULL)
+        api.handle_deregister(g->file);
+    api_release();  /* every hkv_gds holds the driver */
+    pthread_mutex_unlock(&api_lock);
+    pthread_cond_destroy(&g->lane_free);
+    pthread_mutex_destroy(&g->lock);
+    free(g);
+}
+
+hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, int lanes,
+                        int max_pieces, int64_t max_piece_bytes, hkv_gds **out)
+{
+    *out = NULL;
+    if (!hkv_cuda_built())
+        return hkv_error(HKV_ENODEV, "GPUDirect Storage: this build of hstu_kvcache has "
+                         "no CUDA support");
+    if (lanes < 1 || max_pieces < 1 || max_piece_bytes < 1)
+        return hkv_error(HKV_EINVAL, "hkv_gds_open: lanes, max_pieces and "
+                         "max_piece_bytes must be positive");
+    hkv_status st = hkv_cuda_set_device(device);
+    if (st != HKV_OK)
+        return st;
+    pthread_mutex_lock(&api_lock);
+    st = api_acquire();
+    if (st != HKV_OK) {
+        pthread_mutex_unlock(&api_lock);
+        return st;
+    }
+    hkv_gds *g = calloc(1, sizeof *g);
+    if (g == NULL) {
+        api_release();
+        pthread_mutex_unlock(&api_lock);
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    }
+    g->device = device;
+    g->max_pieces = max_pieces;
+    g->scratch_words = hkv_cuda_crc32c_scratch_words(max_piece_bytes);
+    g->direct = nvfs_loaded();
+    pthread_mutex_init(&g->lock, NULL);
+    pthread_cond_init(&g->lane_free, NULL);
+    cufile_descr descr;
+    memset(&descr, 0, sizeof descr);
+    descr.type = CUFILE_HANDLE_TYPE_OPAQUE_FD;
+    descr.handle.fd = fd;
+    cufile_error e = api.handle_register(&g->file, &descr);
+    if (e.err != 0) {
+        g->file = NULL;
+        pthread_mutex_unlock(&api_lock);
+        hkv_gds_close(g);
+        return hkv_error(HKV_ENODEV, "GPUDirect Storage: cuFileHandleRegister of the "
+                         "disk tier's file failed: %s (cuFile error %d, CUDA error %d); "
+                         "without the nvidia-fs driver cuFile needs allow_compat_mode "
+                         "in its cufile.json (or CUFILE_FORCE_COMPAT_MODE=true)",
+                         op_error(e.err), e.err, e.cu_err);
+    }
+    /* registration maps the region for DMA; without it cuFile bounces */
+    if (api.buf_register(gpu_base, gpu_bytes, 0).err == 0) {
+        g->base = gpu_base;
+        g->bytes = gpu_bytes;
+    }
+    pthread_mutex_unlock(&api_lock);
+
+    g->lanes = calloc((size_t)lanes, sizeof *g->lanes);
+    if (g->lanes == NULL) {
+        hkv_gds_close(g);
+        return hkv_error(HKV_ENOMEM, "out of host memory");
+    }
+    g->num_lanes = lanes;
+    for (int i = 0; st == HKV_OK && i < lanes; i++) {
+        gds_lane *lane = &g->lanes[i];
+        st = hkv_cuda_stream_create(device, &lane->stream);
+        if (st == HKV_OK)
+            st = hkv_cuda_malloc(device, (size_t)(g->scratch_words * max_pieces) *
+                                             sizeof(uint32_t),
+                                 (void **)&lane->scratch);
+        if (st == HKV_OK)
+            st = hkv_cuda_host_alloc((size_t)max_pieces * sizeof(uint32_t),
+                                     (void **)&lane->crc_host);
+        if (st == HKV_OK)
+            st = hkv_cuda_host_device_pointer(lane->crc_host, (void **)&lane->crc_dev);
+    }
+    if (st != HKV_OK) {
+        hkv_gds_close(g);
+        return st;
+    }
+    g->reader.read = gds_read;
+    g->reader.ctx = g;
+    *out = g;
+    return HKV_OK;
+}
+
+const hkv_disk_device_reader *hkv_gds_reader(const hkv_gds *g)
+{
+    return &g->reader;
+}
+
+const char *hkv_gds_mode(const hkv_gds *g)
+{
+    return g->direct ? "direct" : "compat";
+}
+
+int hkv_gds_buffer_registered(const hkv_gds *g)
+{
+    return g->base != NULL;
+}

@@ -1,0 +1,50 @@
+/*
+ * gds.h - GPUDirect Storage: disk-tier records read straight into GPU
+ * pages through NVIDIA's cuFile library, as the disk store's device
+ * reader (disk_tier.h, hkv_disk_read_device).
+ *
+ * Optional at every level: libcufile is loaded at run time (dlopen), so
+ * the package neither links nor needs it.  Where the library is missing,
+ * its driver does not open, or the store's file cannot be registered,
+ * hkv_gds_open fails with a message saying why, and the cache keeps the
+ * staged path (disk -> pinned host page -> GPU), which is also the
+ * default.
+ */
+#ifndef HKV_GDS_H
+#define HKV_GDS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "disk_tier.h"
+#include "status.h"
+
+typedef struct hkv_gds hkv_gds;
+
+/*
+ * Load cuFile, open its driver and register the store's file descriptor.
+ * `gpu_base`/`gpu_bytes` is the region reads land in (the GPU page table):
+ * it is registered with cuFile as a buffer when the driver takes it (a
+ * failure there only costs speed).  `lanes` reads can check their data
+ * at the same time (the store's I/O threads), each of at most `max_pieces`
+ * pieces of at most `max_piece_bytes`.  HKV_ENODEV when GPUDirect Storage
+ * cannot be used here (the message says why).
+ */
+hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, int lanes,
+                        int max_pieces, int64_t max_piece_bytes, hkv_gds **out);
+
+/* Deregister and free.  No read may be in flight (drain the store). */
+void hkv_gds_close(hkv_gds *g);
+
+/* The reader to install in the store (hkv_disk_set_device_reader). */
+const hkv_disk_device_reader *hkv_gds_reader(const hkv_gds *g);
+
+/* "direct" when the nvidia-fs kernel module is loaded (DMA from the drive
+ * into GPU memory), "compat" otherwise (cuFile's compatibility mode: POSIX
+ * reads into its own pinned bounce buffers, then a copy to the GPU). */
+const char *hkv_gds_mode(const hkv_gds *g);
+
+/* 1 if the GPU region could be registered as a cuFile buffer. */
+int hkv_gds_buffer_registered(const hkv_gds *g);
+
+#endif /* HKV_GDS_H */
