@@ -686,8 +686,7 @@ static hkv_status gds_open(hkv_cache *c)
         return HKV_OK;
     }
     hkv_status st = is_cuda(c)
-        ? hkv_gds_open(cfg->device_index, hkv_disk_fd(c->disk), c->table.base,
-                       (size_t)hkv_layer_bytes(&c->table) * (size_t)cfg->num_layers,
+        ? hkv_gds_open(cfg->device_index, hkv_disk_fd(c->disk),
                        hkv_disk_io_threads(c->disk), cfg->num_layers,
                        hkv_page_bytes(&c->table), &c->gds)
         : hkv_error(HKV_ENODEV, "GPUDirect Storage needs a CUDA device (the cache "

@@ -777,7 +777,7 @@ static hkv_disk_result io_read_device(hkv_disk *d, op *o, unsigned char *buf,
     uint32_t crc = 0;
     int n = trim_pieces(o, wiov);
     int err = d->dev.read(d->dev.ctx, d->fd, slot_offset(d, o->slot) + HKV_DISK_HEADER_BYTES,
-                          wiov, n, hkv_crc32c(0, &z, sizeof z), &crc);
+                          wiov, n, hkv_crc32c(0, &z, sizeof z), h.crc, &crc);
     if (err != 0 && err != ENODATA) {
         *bad_check = 0;
         return HKV_DISK_IO_ERROR;

@@ -156,16 +156,17 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
 /*
  * Reads into memory the store's threads cannot address, GPU pages for
  * GPUDirect Storage (gds.c).  The store reads and checks the header block
- * itself, then hands the data to `read`: it must put the bytes of the n
- * pieces, which lie back to back in the file from offset `off`, at
- * pieces[k].iov_base, and set *crc_out to the CRC-32C of all of them
- * continuing from `crc` (crc32c.h's convention).  It returns 0, ENODATA
- * for a short read (the record is truncated), or another errno value (an
- * I/O error).  Called on the I/O threads, several at a time.
+ * itself, then hands the data to `read`: the n pieces lie back to back
+ * in the file from offset `off`; it sets *crc_out to the CRC-32C of all of
+ * them continuing from `crc` (crc32c.h's convention) and, if that equals
+ * `expect`, puts their bytes at pieces[k].iov_base (a reader may also write
+ * them there before it knows).  It returns 0, ENODATA for a short read
+ * (the record is truncated), or another errno value (an I/O error).
+ * Called on the I/O threads, several at a time.
  */
 typedef struct hkv_disk_device_reader {
     int (*read)(void *ctx, int fd, int64_t off, const struct iovec *pieces, int n,
-                uint32_t crc, uint32_t *crc_out);
+                uint32_t crc, uint32_t expect, uint32_t *crc_out);
     void *ctx;
 } hkv_disk_device_reader;
 

@@ -5,19 +5,23 @@
  *
  * The store (disk_tier.c) still reads and checks a record's 4 KiB header
  * block itself.  This reader gets the data's pieces (one per layer, each a
- * GPU address) and:
+ * GPU page's piece in the layer-major table) and:
  *
- *   1. reads each piece with cuFileRead (synchronous: the bytes are in GPU
- *      memory when it returns, or it failed);
- *   2. computes each piece's CRC-32C on the GPU from 0 (hkv_cuda_crc32c,
- *      cuda/crc32c.cu) on the lane's stream, results in pinned memory;
- *   3. waits for the lane's stream and chains the pieces' CRCs onto the
- *      header's on the host (hkv_crc32c_combine).
+ *   1. reads the whole record's data with one cuFileRead into the lane's
+ *      GPU staging buffer (synchronous: the bytes are in GPU memory when
+ *      it returns, or it failed).  One 1 MiB request, not a request per
+ *      128 KiB layer piece: drives and cuFile's bounce path both want
+ *      large I/O;
+ *   2. computes its CRC-32C on the GPU (hkv_cuda_crc32c, cuda/crc32c.cu),
+ *      result in pinned memory, and chains it onto the header's CRC
+ *      (hkv_crc32c_combine);
+ *   3. only if that matches the header's CRC, copies the pieces into the
+ *      pages (device to device, microseconds): a page never holds bytes
+ *      that failed the check.
  *
- * The store compares the result with the header's CRC, so a record is
- * "done" only once its bytes were verified where they landed.  A lane
- * (stream, scratch, result words) per I/O thread keeps concurrent reads
- * apart.
+ * The store compares the CRC again and completes the read as verified.
+ * A lane (stream, staging buffer, CRC scratch and result word) per I/O
+ * thread keeps concurrent reads apart.
  *
  * We declare the handful of cuFile types ourselves (their layout is the
  * documented C ABI of cufile.h) so building needs no cuFile headers, and
@@ -69,8 +73,10 @@ typedef struct cufile_api {
 
 typedef struct gds_lane {
     void *stream;
-    uint32_t *scratch;      /* device: crc scratch of max_pieces pieces   */
-    uint32_t *crc_host;     /* pinned: one CRC per piece                  */
+    char *stage;            /* device: one record's data                  */
+    int registered;         /* stage is a registered cuFile buffer        */
+    uint32_t *scratch;      /* device: CRC scratch for the stage          */
+    uint32_t *crc_host;     /* pinned: the stage's CRC                    */
     uint32_t *crc_dev;      /* the device's address of crc_host           */
     int busy;
 } gds_lane;
@@ -78,11 +84,9 @@ typedef struct gds_lane {
 struct hkv_gds {
     int device;
     void *file;             /* CUfileHandle_t of the store's descriptor   */
-    const char *base;       /* registered buffer, or NULL                 */
-    size_t bytes;
     int direct;             /* nvidia-fs is loaded                        */
     int max_pieces;
-    int64_t scratch_words;  /* per piece                                  */
+    size_t stage_bytes;     /* largest record data                        */
     pthread_mutex_t lock;
     pthread_cond_t lane_free;
     gds_lane *lanes;
@@ -241,45 +245,48 @@ static void lane_give(hkv_gds *g, gds_lane *lane)
     pthread_mutex_unlock(&g->lock);
 }
 
-/* The store's device reader (see gds.h and disk_tier.h for the contract). */
+/* The store's device reader (see the top of this file and disk_tier.h). */
 static int gds_read(void *ctx, int fd, int64_t off, const struct iovec *pieces, int n,
-                    uint32_t crc, uint32_t *crc_out)
+                    uint32_t crc, uint32_t expect, uint32_t *crc_out)
 {
     hkv_gds *g = ctx;
     (void)fd;  /* registered at open */
-    if (n < 0 || n > g->max_pieces)
+    size_t total = 0;
+    for (int k = 0; k < n; k++)
+        total += pieces[k].iov_len;
+    if (n < 0 || n > g->max_pieces || total > g->stage_bytes)
         return EINVAL;
     if (hkv_cuda_set_device(g->device) != HKV_OK)
         return EIO;
-    for (int k = 0; k < n; k++) {
-        const char *dst = pieces[k].iov_base;
-        size_t len = pieces[k].iov_len;
-        /* a registered buffer is named by its base, plus an offset */
-        int inside = g->base != NULL && dst >= g->base && dst + len <= g->base + g->bytes;
-        ssize_t got = inside
-            ? api.read(g->file, (void *)g->base, len, (off_t)off, (off_t)(dst - g->base))
-            : api.read(g->file, (void *)dst, len, (off_t)off, 0);
-        if (got < 0)
-            return got == -1 && errno != 0 ? errno : EIO;  /* -1: errno; else cuFile's */
-        if ((size_t)got < len)
-            return ENODATA;  /* the file ends inside the record */
-        off += (int64_t)len;
-    }
     gds_lane *lane = lane_take(g);
+    int err = 0;
+    ssize_t got = total > 0 ? api.read(g->file, lane->stage, total, (off_t)off, 0) : 0;
+    if (got < 0)
+        err = got == -1 && errno != 0 ? errno : EIO;  /* -1: errno; else cuFile's */
+    else if ((size_t)got < total)
+        err = ENODATA;  /* the file ends inside the record */
     hkv_status st = HKV_OK;
-    for (int k = 0; st == HKV_OK && k < n; k++)
-        st = hkv_cuda_crc32c(pieces[k].iov_base, (int64_t)pieces[k].iov_len, 0,
-                             lane->scratch + k * g->scratch_words, lane->crc_dev + k,
+    if (err == 0)
+        st = hkv_cuda_crc32c(lane->stage, (int64_t)total, 0, lane->scratch, lane->crc_dev,
                              g->device, lane->stream);
-    if (st == HKV_OK)
+    if (err == 0 && st == HKV_OK)
         st = hkv_cuda_stream_sync(g->device, lane->stream);
-    for (int k = 0; st == HKV_OK && k < n; k++)
-        crc = hkv_crc32c_combine(crc, lane->crc_host[k], pieces[k].iov_len);
+    if (err == 0 && st == HKV_OK) {
+        crc = hkv_crc32c_combine(crc, *lane->crc_host, total);
+        *crc_out = crc;
+        size_t at = 0;
+        for (int k = 0; crc == expect && st == HKV_OK && k < n; k++) {
+            st = hkv_cuda_memcpy_async(g->device, pieces[k].iov_base, lane->stage + at,
+                                       pieces[k].iov_len, lane->stream);
+            at += pieces[k].iov_len;
+        }
+        if (crc == expect && st == HKV_OK)
+            st = hkv_cuda_stream_sync(g->device, lane->stream);
+    }
     lane_give(g, lane);
-    if (st != HKV_OK)
-        return EIO;
-    *crc_out = crc;
-    return 0;
+    if (err == 0 && st != HKV_OK)
+        err = EIO;
+    return err;
 }
 
 void hkv_gds_close(hkv_gds *g)
@@ -288,8 +295,12 @@ void hkv_gds_close(hkv_gds *g)
         return;
     for (int i = 0; i < g->num_lanes; i++) {
         gds_lane *lane = &g->lanes[i];
+        if (lane->registered)
+            (void)api.buf_deregister(lane->stage);
         if (lane->stream != NULL)
             (void)hkv_cuda_stream_destroy(g->device, lane->stream);
+        if (lane->stage != NULL)
+            (void)hkv_cuda_free(g->device, lane->stage);
         if (lane->scratch != NULL)
             (void)hkv_cuda_free(g->device, lane->scratch);
         if (lane->crc_host != NULL)
@@ -297,8 +308,6 @@ void hkv_gds_close(hkv_gds *g)
     }
     free(g->lanes);
     pthread_mutex_lock(&api_lock);
-    if (g->base != NULL)
-        (void)api.buf_deregister(g->base);
     if (g->file != NULL)
         api.handle_deregister(g->file);
     api_release();  /* every hkv_gds holds the driver */
@@ -308,8 +317,8 @@ void hkv_gds_close(hkv_gds *g)
     free(g);
 }
 
-hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, int lanes,
-                        int max_pieces, int64_t max_piece_bytes, hkv_gds **out)
+hkv_status hkv_gds_open(int device, int fd, int lanes, int max_pieces,
+                        int64_t max_piece_bytes, hkv_gds **out)
 {
     *out = NULL;
     if (!hkv_cuda_built())
@@ -335,7 +344,7 @@ hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, in
     }
     g->device = device;
     g->max_pieces = max_pieces;
-    g->scratch_words = hkv_cuda_crc32c_scratch_words(max_piece_bytes);
+    g->stage_bytes = (size_t)max_pieces * (size_t)max_piece_bytes;
     g->direct = nvfs_loaded();
     pthread_mutex_init(&g->lock, NULL);
     pthread_cond_init(&g->lane_free, NULL);
@@ -354,11 +363,6 @@ hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, in
                          "in its cufile.json (or CUFILE_FORCE_COMPAT_MODE=true)",
                          op_error(e.err), e.err, e.cu_err);
     }
-    /* registration maps the region for DMA; without it cuFile bounces */
-    if (api.buf_register(gpu_base, gpu_bytes, 0).err == 0) {
-        g->base = gpu_base;
-        g->bytes = gpu_bytes;
-    }
     pthread_mutex_unlock(&api_lock);
 
     g->lanes = calloc((size_t)lanes, sizeof *g->lanes);
@@ -371,14 +375,20 @@ hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, in
         gds_lane *lane = &g->lanes[i];
         st = hkv_cuda_stream_create(device, &lane->stream);
         if (st == HKV_OK)
-            st = hkv_cuda_malloc(device, (size_t)(g->scratch_words * max_pieces) *
-                                             sizeof(uint32_t),
+            st = hkv_cuda_malloc(device, g->stage_bytes, (void **)&lane->stage);
+        if (st == HKV_OK)
+            st = hkv_cuda_malloc(device,
+                                 (size_t)hkv_cuda_crc32c_scratch_words(
+                                     (int64_t)g->stage_bytes) * sizeof(uint32_t),
                                  (void **)&lane->scratch);
         if (st == HKV_OK)
-            st = hkv_cuda_host_alloc((size_t)max_pieces * sizeof(uint32_t),
-                                     (void **)&lane->crc_host);
+            st = hkv_cuda_host_alloc(sizeof(uint32_t), (void **)&lane->crc_host);
         if (st == HKV_OK)
             st = hkv_cuda_host_device_pointer(lane->crc_host, (void **)&lane->crc_dev);
+        /* registered, the stage takes DMA from the drive (with nvidia-fs);
+         * unregistered, cuFile bounces through its own buffers */
+        if (st == HKV_OK)
+            lane->registered = api.buf_register(lane->stage, g->stage_bytes, 0).err == 0;
     }
     if (st != HKV_OK) {
         hkv_gds_close(g);
@@ -398,9 +408,4 @@ const hkv_disk_device_reader *hkv_gds_reader(const hkv_gds *g)
 const char *hkv_gds_mode(const hkv_gds *g)
 {
     return g->direct ? "direct" : "compat";
-}
-
-int hkv_gds_buffer_registered(const hkv_gds *g)
-{
-    return g->base != NULL;
 }

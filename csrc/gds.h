@@ -23,15 +23,14 @@ typedef struct hkv_gds hkv_gds;
 
 /*
  * Load cuFile, open its driver and register the store's file descriptor.
- * `gpu_base`/`gpu_bytes` is the region reads land in (the GPU page table):
- * it is registered with cuFile as a buffer when the driver takes it (a
- * failure there only costs speed).  `lanes` reads can check their data
- * at the same time (the store's I/O threads), each of at most `max_pieces`
- * pieces of at most `max_piece_bytes`.  HKV_ENODEV when GPUDirect Storage
- * cannot be used here (the message says why).
+ * `lanes` reads can run at the same time (the store's I/O threads), each
+ * of at most `max_pieces` pieces of at most `max_piece_bytes`; each lane
+ * has a GPU staging buffer of one record, registered with cuFile where the
+ * driver takes it (a failure there only costs speed).  HKV_ENODEV when
+ * GPUDirect Storage cannot be used here (the message says why).
  */
-hkv_status hkv_gds_open(int device, int fd, void *gpu_base, size_t gpu_bytes, int lanes,
-                        int max_pieces, int64_t max_piece_bytes, hkv_gds **out);
+hkv_status hkv_gds_open(int device, int fd, int lanes, int max_pieces,
+                        int64_t max_piece_bytes, hkv_gds **out);
 
 /* Deregister and free.  No read may be in flight (drain the store). */
 void hkv_gds_close(hkv_gds *g);
@@ -43,8 +42,5 @@ const hkv_disk_device_reader *hkv_gds_reader(const hkv_gds *g);
  * into GPU memory), "compat" otherwise (cuFile's compatibility mode: POSIX
  * reads into its own pinned bounce buffers, then a copy to the GPU). */
 const char *hkv_gds_mode(const hkv_gds *g);
-
-/* 1 if the GPU region could be registered as a cuFile buffer. */
-int hkv_gds_buffer_registered(const hkv_gds *g);
 
 #endif /* HKV_GDS_H */
