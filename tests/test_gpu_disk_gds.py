@@ -238,6 +238,15 @@ def test_direct_reads_wait_for_the_callers_stream(tmp_path):
     when the direct reads of user 2 take them (the GPU tier is exactly one
     user big): the reads must wait for it."""
     cache = make(tmp_path, gpu_pages=5, offload_mode="eager")
+    # CUDA loads a kernel's module at its first launch, which waits for all
+    # work on the device and would order the reads by itself: launch every
+    # kernel of the race (direct read and its CRC, read, gather) once first
+    k3 = fill(cache, 3, 8, 99)
+    push_down(cache, [3])
+    check_user(cache, 3, k3)
+    cache.read(3, 0)
+    cache.evict([3])
+    torch.cuda.synchronize()
     k1 = fill(cache, 1, 40, 12)
     k2 = fill(cache, 2, 40, 13)                    # evicts user 1 (host copy kept)
     push_down(cache, [2])
@@ -251,7 +260,7 @@ def test_direct_reads_wait_for_the_callers_stream(tmp_path):
     torch.cuda.synchronize()
     assert torch.equal(got, k1[0])
     assert torch.equal(kg, k2[0])
-    assert cache.stats()["disk_gds_reads"] == 5
+    assert cache.stats()["disk_gds_reads"] == 6
     cache.check()
 
 
