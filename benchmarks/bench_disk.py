@@ -75,7 +75,7 @@ def measure(args: argparse.Namespace, directory: str, dev: str, gds: str,
         num_pages=pages + 64, dtype="bfloat16", device=args.device, max_batch_size=n,
         max_seq_len=TOKENS, host_capacity_bytes=(pages + 64) * PAGE_BYTES,
         disk_dir=directory, disk_capacity_bytes=2 * total + (64 << 20), disk_admit_after=0,
-        disk_gds=gds))
+        disk_gds=gds, disk_io_threads=args.io_threads))
     ids = list(range(n))
     k = torch.randn(LAYERS, n * TOKENS, HEADS, HEAD_DIM, dtype=torch.bfloat16, device=dev)
     writes, reads, one_user = [], [], []
@@ -133,6 +133,8 @@ def main() -> None:
     ap.add_argument("--gds", choices=("off", "on", "both"), default="both",
                     help="disk reads staged through the host (off), straight to the GPU "
                     "with GPUDirect Storage (on), or each in turn (both; CUDA only)")
+    ap.add_argument("--io-threads", type=int, default=2,
+                    help="the disk tier's I/O threads (disk_io_threads)")
     ap.add_argument("--out", default=None)
     add_plot_only(ap)
     args = ap.parse_args()
@@ -184,7 +186,8 @@ def main() -> None:
     path = write_results("disk_cache_" + (gpu_tag() if dev == "cuda" else "cpu"), {
         "workload": {"layers": LAYERS, "heads": HEADS, "head_dim": HEAD_DIM, "page_size": PAGE,
                      "tokens_per_user": TOKENS, "users": n, "dtype": "bfloat16",
-                     "device": args.device, "record_bytes": PAGE_BYTES},
+                     "device": args.device, "record_bytes": PAGE_BYTES,
+                     "disk_io_threads": args.io_threads},
         "results": res}, Path(args.out) if args.out else None)
     print(f"wrote {path}")
 

@@ -636,6 +636,8 @@ static hkv_status disk_open(hkv_cache *c, const hkv_config *cfg)
     dc.page_bytes = (uint64_t)hkv_page_bytes(&c->table) * (uint64_t)cfg->num_layers;
     dc.admit_after = cfg->disk_admit_after;
     dc.persist = cfg->disk_persist;
+    if (cfg->disk_io_threads > 0)
+        dc.io_threads = cfg->disk_io_threads;
     hkv_status st = hkv_disk_open(&dc, &c->disk);
     if (st != HKV_OK)
         return st;
@@ -792,6 +794,8 @@ static hkv_status check_config(const hkv_config *cfg)
                          "cache a host tier too");
     if (cfg->disk_dir != NULL && cfg->disk_capacity_bytes <= 0)
         return hkv_error(HKV_EINVAL, "disk_capacity_bytes must be positive");
+    if (cfg->disk_io_threads < 0 || cfg->disk_io_threads > 64)
+        return hkv_error(HKV_EINVAL, "disk_io_threads must be in 0..64 (0: the default)");
     if (cfg->disk_gds < 0 || cfg->disk_gds > 2)
         return hkv_error(HKV_EINVAL, "disk_gds must be 0 (off), 1 (auto) or 2 (on)");
     if (cfg->disk_gds != 0 && cfg->disk_dir == NULL)

@@ -61,6 +61,7 @@ typedef struct hkv_config {
     int32_t disk_persist;      /* 1: records survive close and reopen     */
     int32_t disk_admit_after;  /* requests of a user before its pages are
                                   written to disk; 0: at once             */
+    int32_t disk_io_threads;   /* I/O threads of the disk tier; 0: 2      */
     int32_t disk_gds;          /* GPUDirect Storage for disk -> GPU reads:
                                   0 off (staged through the host tier),
                                   1 where cuFile works, 2 required (create

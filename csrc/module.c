@@ -331,10 +331,11 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                              "max_open_batches", "host_pages", "offload_mode",
                              "max_offload_bytes", "event_capacity", "early_reuse",
                              "kernel_copies", "disk_dir", "disk_capacity_bytes",
-                             "disk_persist", "disk_admit_after", "disk_gds", NULL};
+                             "disk_persist", "disk_admit_after", "disk_gds",
+                             "disk_io_threads", NULL};
     hkv_config cfg;
     memset(&cfg, 0, sizeof cfg);
-    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLippzLpii", kwlist,
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "iiiiiiiiiiLLpi|iiLippzLpiii", kwlist,
                                      &cfg.num_layers, &cfg.num_heads, &cfg.head_dim,
                                      &cfg.page_size, &cfg.num_pages,
                                      &cfg.dtype_code, &cfg.dtype_bits,
@@ -346,7 +347,8 @@ static int Cache_init(CacheObject *self, PyObject *args, PyObject *kwds)
                                      &cfg.event_capacity, &cfg.early_reuse,
                                      &cfg.kernel_copies, &cfg.disk_dir,
                                      &cfg.disk_capacity_bytes, &cfg.disk_persist,
-                                     &cfg.disk_admit_after, &cfg.disk_gds))
+                                     &cfg.disk_admit_after, &cfg.disk_gds,
+                                     &cfg.disk_io_threads))
         return -1;
     if (self->cache != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "cache already initialised");

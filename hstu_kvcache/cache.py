@@ -311,7 +311,8 @@ class KVCache:
             kernel_copies=not config.copy_engines,
             disk_dir=config.disk_dir, disk_capacity_bytes=config.disk_capacity_bytes,
             disk_persist=config.disk_persist, disk_admit_after=config.disk_admit_after,
-            disk_gds={"off": 0, "auto": 1, "on": 2}[config.disk_gds])
+            disk_gds={"off": 0, "auto": 1, "on": 2}[config.disk_gds],
+            disk_io_threads=config.disk_io_threads)
         self._meta_offsets = dict(zip(_FIELDS, self._native.meta_offsets()))
         self._dl_device = (DL_CPU, 0) if config.device_kind == "cpu" else (
             DL_CUDA, config.device_index)

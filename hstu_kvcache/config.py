@@ -121,6 +121,9 @@ class KVCacheConfig:
             is made durable before it counts); False starts empty.
         disk_admit_after: requests of a user before its pages are written
             to disk (default 2: spares the SSD one-off users); 0: at once.
+        disk_io_threads: threads doing the disk tier's reads and writes
+            (default 2: enough for one SATA or network disk; a fast NVMe
+            drive, or GPUDirect Storage, may want more).
         disk_gds: GPUDirect Storage for reads from the disk tier.
             ``'off'`` (default): disk -> pinned host page -> GPU (the staged
             path).  ``'auto'``: where NVIDIA's cuFile (libcufile) loads and
@@ -177,6 +180,7 @@ class KVCacheConfig:
     disk_capacity_bytes: int = 0
     disk_persist: bool = False
     disk_admit_after: int = 2
+    disk_io_threads: int = 2
     disk_gds: str = "off"
     device_kind: str = field(init=False, repr=False)
     device_index: int = field(init=False, repr=False)
@@ -216,6 +220,8 @@ class KVCacheConfig:
             raise InvalidArgumentError(f"disk_persist must be a bool, got {self.disk_persist!r}")
         set_(self, "disk_admit_after",
              _positive_int("disk_admit_after", self.disk_admit_after, 0, 2**30))
+        set_(self, "disk_io_threads",
+             _positive_int("disk_io_threads", self.disk_io_threads, 1, 64))
         if self.disk_gds not in ("off", "auto", "on"):
             raise InvalidArgumentError(
                 f"disk_gds must be 'off', 'auto' or 'on', got {self.disk_gds!r}")

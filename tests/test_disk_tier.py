@@ -260,3 +260,15 @@ def test_disk_reads_are_onboarding_events(tmp_path):
     onboarded = [(e.tier, e.from_tier, e.page_index, e.num_pages)
                  for e in cache.drain_events() if e.kind == "onboarded"]
     assert onboarded == [("host", "disk", 0, 8), ("gpu", "host", 0, 8)]
+
+
+def test_disk_io_threads(tmp_path):
+    for bad in (0, 65, 2.5):
+        with pytest.raises(InvalidArgumentError, match="disk_io_threads"):
+            make(tmp_path, disk_io_threads=bad)
+    cache, ref = make(tmp_path, disk_io_threads=6), {}
+    serve(cache, 1, 40, ref, 50)
+    push_down(cache, [1])
+    assert serve(cache, 1, 44, ref, 51) == 40      # ten reads on six threads
+    assert cache.stats()["disk_reads"] == 10
+    cache.check()
