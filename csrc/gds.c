@@ -359,8 +359,10 @@ hkv_status hkv_gds_open(int device, int fd, int lanes, int max_pieces,
         hkv_gds_close(g);
         return hkv_error(HKV_ENODEV, "GPUDirect Storage: cuFileHandleRegister of the "
                          "disk tier's file failed: %s (cuFile error %d, CUDA error %d); "
-                         "without the nvidia-fs driver cuFile needs allow_compat_mode "
-                         "in its cufile.json (or CUFILE_FORCE_COMPAT_MODE=true)",
+                         "cufile.log says why.  Without the nvidia-fs driver cuFile "
+                         "needs allow_compat_mode in its cufile.json; in a container "
+                         "without a udev database it cannot tell the filesystem (see "
+                         "docs/disk-tier-design.md)",
                          op_error(e.err), e.err, e.cu_err);
     }
     pthread_mutex_unlock(&api_lock);
