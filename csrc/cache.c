@@ -2369,14 +2369,22 @@ static int32_t host_page_holder(hkv_cache *c, int32_t page, int64_t user_id, int
     return u->in_use && u->id == user_id && u->host_pages > index ? owner : HKV_NO_USER;
 }
 
-static void disk_iov(hkv_cache *c, int32_t page, struct iovec *iov)
+/* The per-layer pieces of page `page` of a layer-major table of
+ * `num_pages` pages at `base` (a record's data, in order). */
+static void page_iov(const hkv_cache *c, void *base, int32_t num_pages, int32_t page,
+                     struct iovec *iov)
 {
     const int64_t pb = hkv_page_bytes(&c->table);
-    char *base = c->host.table->ptr;
     for (int32_t l = 0; l < c->cfg.num_layers; l++) {
-        iov[l].iov_base = base + ((int64_t)l * c->host.num_pages + page) * pb;
+        iov[l].iov_base = (char *)base + ((int64_t)l * num_pages + page) * pb;
         iov[l].iov_len = (size_t)pb;
     }
+}
+
+/* Host page `page`, as the store reads and writes it. */
+static void disk_iov(hkv_cache *c, int32_t page, struct iovec *iov)
+{
+    page_iov(c, c->host.table->ptr, c->host.num_pages, page, iov);
 }
 
 /* A page's fingerprint for the store: the chained fingerprint of its keys
@@ -2560,16 +2568,6 @@ static int32_t gds_page(hkv_cache *c, int32_t slot, hkv_status *st)
     return page;
 }
 
-/* The per-layer pieces of GPU page `page` (a record's data, in order). */
-static void gds_iov(hkv_cache *c, int32_t page, struct iovec *iov)
-{
-    const int64_t pb = hkv_page_bytes(&c->table), lb = hkv_layer_bytes(&c->table);
-    for (int32_t l = 0; l < c->cfg.num_layers; l++) {
-        iov[l].iov_base = (char *)c->table.base + l * lb + (int64_t)page * pb;
-        iov[l].iov_len = (size_t)pb;
-    }
-}
-
 /* Give back a page a read was meant for but that joins no chain. */
 static void stage_release(hkv_cache *c, int gds, int32_t page)
 {
@@ -2688,7 +2686,7 @@ static hkv_status disk_stage_in(hkv_cache *c, int32_t batch, const int64_t *user
                         c->si_miss[b] = 3;   /* no GPU room: the rest staged */
                         break;
                     }
-                    gds_iov(c, page, iov);
+                    page_iov(c, c->table.base, c->table.num_pages, page, iov);
                 } else {
                     page = hkv_host_alloc(&c->host, slot);
                     while (page == HKV_NO_PAGE && evict_one_host_page(c, slot))
