@@ -755,7 +755,7 @@ static int trim_pieces(const op *o, struct iovec *pieces)
 /* A read through the device reader: the header block into the staging
  * buffer and checked here, the data by the reader, which also returns its
  * CRC (continued from the header's) for the check. */
-static hkv_disk_result io_read_device(hkv_disk *d, op *o, unsigned char *buf,
+static hkv_disk_result io_read_device(hkv_disk *d, op *o, int worker, unsigned char *buf,
                                       struct iovec *wiov, int *bad_check)
 {
     ssize_t got;
@@ -776,8 +776,9 @@ static hkv_disk_result io_read_device(hkv_disk *d, op *o, unsigned char *buf,
     z.crc = 0;
     uint32_t crc = 0;
     int n = trim_pieces(o, wiov);
-    int err = d->dev.read(d->dev.ctx, d->fd, slot_offset(d, o->slot) + HKV_DISK_HEADER_BYTES,
-                          wiov, n, hkv_crc32c(0, &z, sizeof z), h.crc, &crc);
+    int err = d->dev.read(d->dev.ctx, worker, d->fd,
+                          slot_offset(d, o->slot) + HKV_DISK_HEADER_BYTES, wiov, n,
+                          hkv_crc32c(0, &z, sizeof z), h.crc, &crc);
     if (err != 0 && err != ENODATA) {
         *bad_check = 0;
         return HKV_DISK_IO_ERROR;
@@ -788,13 +789,13 @@ static hkv_disk_result io_read_device(hkv_disk *d, op *o, unsigned char *buf,
     return HKV_DISK_DONE;
 }
 
-static hkv_disk_result io_read(hkv_disk *d, op *o, unsigned char *buf, struct iovec *wiov,
-                               int *bad_check)
+static hkv_disk_result io_read(hkv_disk *d, op *o, int worker, unsigned char *buf,
+                               struct iovec *wiov, int *bad_check)
 {
     fault_delay(d);
     *bad_check = 0;
     if (o->device)
-        return io_read_device(d, o, buf, wiov, bad_check);
+        return io_read_device(d, o, worker, buf, wiov, bad_check);
     int zero_copy = iov_zero_copy(d, o->iov, o->iovcnt) &&
                     (!d->direct || (o->data_len & (ALIGN - 1)) == 0);
     if (zero_copy) {
@@ -940,7 +941,7 @@ static void io_run(void *ctx, void *job, int worker)
     }
     /* read */
     int bad_check = 0;
-    hkv_disk_result r = cancelled ? HKV_DISK_CANCELLED : io_read(d, o, buf, wiov, &bad_check);
+    hkv_disk_result r = cancelled ? HKV_DISK_CANCELLED : io_read(d, o, worker, buf, wiov, &bad_check);
     pthread_mutex_lock(&d->lock);
     if (r == HKV_DISK_CANCELLED) {
         /* closing: no I/O, the record stays */

@@ -162,11 +162,13 @@ hkv_status hkv_disk_read(hkv_disk *d, int64_t user_id, int64_t page_index,
  * `expect`, puts their bytes at pieces[k].iov_base (a reader may also write
  * them there before it knows).  It returns 0, ENODATA for a short read
  * (the record is truncated), or another errno value (an I/O error).
- * Called on the I/O threads, several at a time.
+ * Called on the I/O threads, several at a time; `worker` is the calling
+ * thread's index (0 .. hkv_disk_io_threads - 1), so per-thread state of
+ * the reader needs no lock.
  */
 typedef struct hkv_disk_device_reader {
-    int (*read)(void *ctx, int fd, int64_t off, const struct iovec *pieces, int n,
-                uint32_t crc, uint32_t expect, uint32_t *crc_out);
+    int (*read)(void *ctx, int worker, int fd, int64_t off, const struct iovec *pieces,
+                int n, uint32_t crc, uint32_t expect, uint32_t *crc_out);
     void *ctx;
 } hkv_disk_device_reader;
 

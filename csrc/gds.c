@@ -21,7 +21,7 @@
  *
  * The store compares the CRC again and completes the read as verified.
  * A lane (stream, staging buffer, CRC scratch and result word) per I/O
- * thread keeps concurrent reads apart.
+ * thread, picked by the thread's index, keeps concurrent reads apart.
  *
  * We declare the handful of cuFile types ourselves (their layout is the
  * documented C ABI of cufile.h) so building needs no cuFile headers, and
@@ -78,7 +78,6 @@ typedef struct gds_lane {
     uint32_t *scratch;      /* device: CRC scratch for the stage          */
     uint32_t *crc_host;     /* pinned: the stage's CRC                    */
     uint32_t *crc_dev;      /* the device's address of crc_host           */
-    int busy;
 } gds_lane;
 
 struct hkv_gds {
@@ -87,9 +86,7 @@ struct hkv_gds {
     int direct;             /* nvidia-fs is loaded                        */
     int max_pieces;
     size_t stage_bytes;     /* largest record data                        */
-    pthread_mutex_t lock;
-    pthread_cond_t lane_free;
-    gds_lane *lanes;
+    gds_lane *lanes;        /* one per I/O thread of the store            */
     int num_lanes;
     hkv_disk_device_reader reader;
 };
@@ -223,42 +220,21 @@ static int nvfs_loaded(void)
     return found;
 }
 
-static gds_lane *lane_take(hkv_gds *g)
-{
-    pthread_mutex_lock(&g->lock);
-    for (;;) {
-        for (int i = 0; i < g->num_lanes; i++)
-            if (!g->lanes[i].busy) {
-                g->lanes[i].busy = 1;
-                pthread_mutex_unlock(&g->lock);
-                return &g->lanes[i];
-            }
-        pthread_cond_wait(&g->lane_free, &g->lock);
-    }
-}
-
-static void lane_give(hkv_gds *g, gds_lane *lane)
-{
-    pthread_mutex_lock(&g->lock);
-    lane->busy = 0;
-    pthread_cond_signal(&g->lane_free);
-    pthread_mutex_unlock(&g->lock);
-}
-
 /* The store's device reader (see the top of this file and disk_tier.h). */
-static int gds_read(void *ctx, int fd, int64_t off, const struct iovec *pieces, int n,
-                    uint32_t crc, uint32_t expect, uint32_t *crc_out)
+static int gds_read(void *ctx, int worker, int fd, int64_t off, const struct iovec *pieces,
+                    int n, uint32_t crc, uint32_t expect, uint32_t *crc_out)
 {
     hkv_gds *g = ctx;
     (void)fd;  /* registered at open */
     size_t total = 0;
     for (int k = 0; k < n; k++)
         total += pieces[k].iov_len;
-    if (n < 0 || n > g->max_pieces || total > g->stage_bytes)
+    if (worker < 0 || worker >= g->num_lanes || n < 0 || n > g->max_pieces ||
+        total > g->stage_bytes)
         return EINVAL;
     if (hkv_cuda_set_device(g->device) != HKV_OK)
         return EIO;
-    gds_lane *lane = lane_take(g);
+    gds_lane *lane = &g->lanes[worker];
     int err = 0;
     ssize_t got = total > 0 ? api.read(g->file, lane->stage, total, (off_t)off, 0) : 0;
     if (got < 0)
@@ -283,7 +259,6 @@ static int gds_read(void *ctx, int fd, int64_t off, const struct iovec *pieces, 
         if (crc == expect && st == HKV_OK)
             st = hkv_cuda_stream_sync(g->device, lane->stream);
     }
-    lane_give(g, lane);
     if (err == 0 && st != HKV_OK)
         err = EIO;
     return err;
@@ -312,8 +287,6 @@ void hkv_gds_close(hkv_gds *g)
         api.handle_deregister(g->file);
     api_release();  /* every hkv_gds holds the driver */
     pthread_mutex_unlock(&api_lock);
-    pthread_cond_destroy(&g->lane_free);
-    pthread_mutex_destroy(&g->lock);
     free(g);
 }
 
@@ -346,8 +319,6 @@ hkv_status hkv_gds_open(int device, int fd, int lanes, int max_pieces,
     g->max_pieces = max_pieces;
     g->stage_bytes = (size_t)max_pieces * (size_t)max_piece_bytes;
     g->direct = nvfs_loaded();
-    pthread_mutex_init(&g->lock, NULL);
-    pthread_cond_init(&g->lane_free, NULL);
     cufile_descr descr;
     memset(&descr, 0, sizeof descr);
     descr.type = CUFILE_HANDLE_TYPE_OPAQUE_FD;

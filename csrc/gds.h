@@ -23,11 +23,12 @@ typedef struct hkv_gds hkv_gds;
 
 /*
  * Load cuFile, open its driver and register the store's file descriptor.
- * `lanes` reads can run at the same time (the store's I/O threads), each
- * of at most `max_pieces` pieces of at most `max_piece_bytes`; each lane
- * has a GPU staging buffer of one record, registered with cuFile where the
- * driver takes it (a failure there only costs speed).  HKV_ENODEV when
- * GPUDirect Storage cannot be used here (the message says why).
+ * One lane per I/O thread of the store (`lanes`, hkv_disk_io_threads),
+ * each for reads of at most `max_pieces` pieces of at most
+ * `max_piece_bytes`; each lane has a GPU staging buffer of one record,
+ * registered with cuFile where the driver takes it (a failure there only
+ * costs speed).  HKV_ENODEV when GPUDirect Storage cannot be used here
+ * (the message says why).
  */
 hkv_status hkv_gds_open(int device, int fd, int lanes, int max_pieces,
                         int64_t max_piece_bytes, hkv_gds **out);

@@ -1334,14 +1334,18 @@ static void test_disk_direct_io_fallback(void)
 typedef struct host_reader {
     _Atomic int calls;
     int fail;
+    hkv_disk *disk;
 } host_reader;
 
-static int host_reader_read(void *ctx, int fd, int64_t off, const struct iovec *pieces,
-                            int n, uint32_t crc, uint32_t expect, uint32_t *crc_out)
+static int host_reader_read(void *ctx, int worker, int fd, int64_t off,
+                            const struct iovec *pieces, int n, uint32_t crc, uint32_t expect,
+                            uint32_t *crc_out)
 {
     (void)expect;  /* writes before it knows, as the contract allows */
     host_reader *hr = ctx;
     hr->calls++;
+    if (worker < 0 || worker >= hkv_disk_io_threads(hr->disk))
+        return EINVAL;  /* the worker index is the reader's to rely on */
     if (hr->fail != 0)
         return hr->fail;
     for (int k = 0; k < n; k++) {
@@ -1422,6 +1426,7 @@ static void test_disk_device_reader(void)
     CHECK_ST(hkv_disk_read_device(d, 3, 0, fp_of(3, 0, 0), b.iov, LAYERS, &ticket),
              HKV_ESTATE);
     host_reader hr = {0};
+    hr.disk = d;
     hkv_disk_device_reader reader = {host_reader_read, &hr};
     hkv_disk_set_device_reader(d, &reader);
     CHECK(hkv_disk_fd(d) >= 0);
